@@ -1,0 +1,155 @@
+"""Named presets: the model (`ModelConfig`) and the two training stages (`TrainConfig`).
+
+Values for the full scale are the paper's (arXiv 2304.10592 §3 and its public configs,
+DESIGN.md §2); `tiny` is the project's miniature of the same architecture.
+
+    >>> cfg = get_config("vicuna13b"); cfg.qformer["num_hidden_layers"], cfg.num_query_tokens
+    (12, 32)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("MINIGPT4_MIN_DATA", REPO_ROOT / "data"))
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Vicuna v0 / stage-2 training template and its end symbol (DESIGN.md §2).
+VICUNA_TEMPLATE = "###Human: {} ###Assistant: "
+LLAMA2_TEMPLATE = "[INST] {} [/INST] "
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a MiniGPT-4 variant. Dicts are kwargs of transformers configs."""
+    name: str
+    image_size: int
+    vision: dict                      # -> Blip2VisionConfig
+    qformer: dict | None              # -> Blip2QFormerConfig; None = Llama-2 variant (no Q-Former)
+    num_query_tokens: int
+    llm: dict                         # -> LlamaConfig (used for parameter counts / tiny init)
+    encoder_path: str = ""            # folder with the frozen encoder weights
+    llm_path: str = ""                # HF-format LLM folder (weights + tokenizer)
+    proj_group: int = 1               # Llama-2 variant: 4 adjacent patch tokens -> 1 token
+    vit_dtype: str = "float32"        # the paper runs the ViT in fp16 on GPUs
+    llm_dtype: str = "float32"
+    prompt_template: str = VICUNA_TEMPLATE
+    end_sym: str = "###"
+    max_txt_len_stage1: int = 32
+    max_txt_len_stage2: int = 160
+    train_transform: str = "resize"   # "random_resized_crop" at full scale
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+
+    @property
+    def vision_width(self) -> int:
+        return self.vision["hidden_size"]
+
+    @property
+    def proj_in(self) -> int:
+        """Input width of `llama_proj`: Q-Former width, or grouped ViT width (Llama-2)."""
+        if self.qformer is None:
+            return self.vision_width * self.proj_group
+        return self.qformer["hidden_size"]
+
+    @property
+    def num_image_tokens(self) -> int:
+        if self.qformer is None:
+            patches = (self.image_size // self.vision["patch_size"]) ** 2
+            return patches // self.proj_group
+        return self.num_query_tokens
+
+
+@dataclass
+class TrainConfig:
+    """One training stage: AdamW + linear warmup then cosine (paper §3, DESIGN.md §2)."""
+    lr: float
+    min_lr: float
+    warmup_lr: float
+    warmup_steps: int
+    max_steps: int
+    batch_size: int
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    seed: int = 42
+    log_every: int = 10
+    ckpt_every: int = 0               # 0 = only at the end
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# ---------------------------------------------------------------- model presets
+EVA_VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
+                 num_attention_heads=16, image_size=224, patch_size=14, qkv_bias=True,
+                 layer_norm_eps=1e-6)
+BLIP2_QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                     intermediate_size=3072, cross_attention_frequency=2,
+                     encoder_hidden_size=1408, vocab_size=30522)
+VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, vocab_size=32000, max_position_embeddings=2048)
+VICUNA_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                  num_attention_heads=40, vocab_size=32000, max_position_embeddings=2048)
+LLAMA2_7B = dict(VICUNA_7B, max_position_embeddings=4096)
+
+TINY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                   num_attention_heads=4, image_size=64, patch_size=8, qkv_bias=True,
+                   layer_norm_eps=1e-6)
+TINY_QFORMER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    intermediate_size=512, cross_attention_frequency=2,
+                    encoder_hidden_size=128, vocab_size=2)
+TINY_LLM = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=6, max_position_embeddings=512)  # vocab from tokenizer
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig("tiny", 64, TINY_VISION, TINY_QFORMER, 24, TINY_LLM,
+                        encoder_path=str(DATA_DIR / "tiny" / "encoder"),
+                        llm_path=str(DATA_DIR / "tiny" / "llm")),
+    "vicuna7b": ModelConfig("vicuna7b", 224, EVA_VIT_G, BLIP2_QFORMER, 32, VICUNA_7B,
+                            encoder_path="Salesforce/blip2-flan-t5-xxl", llm_path="vicuna-7b",
+                            vit_dtype="float16", llm_dtype="float16",
+                            train_transform="random_resized_crop"),
+    "vicuna13b": ModelConfig("vicuna13b", 224, EVA_VIT_G, BLIP2_QFORMER, 32, VICUNA_13B,
+                             encoder_path="Salesforce/blip2-flan-t5-xxl", llm_path="vicuna-13b",
+                             vit_dtype="float16", llm_dtype="float16",
+                             train_transform="random_resized_crop"),
+    "llama2-7b": ModelConfig("llama2-7b", 224, EVA_VIT_G, None, 0, LLAMA2_7B,
+                             encoder_path="Salesforce/blip2-flan-t5-xxl",
+                             llm_path="Llama-2-7b-chat-hf", proj_group=4,
+                             vit_dtype="float16", llm_dtype="float16",
+                             prompt_template=LLAMA2_TEMPLATE, end_sym="</s>",
+                             train_transform="random_resized_crop"),
+}
+
+# ---------------------------------------------------------------- training presets
+STAGE1: dict[str, TrainConfig] = {
+    # paper: 4 epochs x 5000 iters, 64/GPU x 4 GPUs
+    "full": TrainConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000,
+                        max_steps=20000, batch_size=64, ckpt_every=5000),
+    # tiny: same schedule shape, scaled to minutes on 2 CPU cores
+    "tiny": TrainConfig(lr=3e-3, min_lr=3e-4, warmup_lr=1e-5, warmup_steps=100,
+                        max_steps=1200, batch_size=64, log_every=20),
+}
+STAGE2: dict[str, TrainConfig] = {
+    "full": TrainConfig(lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=200,
+                        max_steps=400, batch_size=12),
+    "tiny": TrainConfig(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=30,
+                        max_steps=300, batch_size=16),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A fresh copy of a preset; keyword overrides replace fields (e.g. `llm_path=`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown scale {name!r}; expected one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def train_config(stage: int, scale: str, **overrides) -> TrainConfig:
+    table = {1: STAGE1, 2: STAGE2}[stage]
+    return table["tiny" if scale == "tiny" else "full"].replace(**overrides)

@@ -1,0 +1,153 @@
+"""The frozen visual encoder of MiniGPT-4: BLIP-2's ViT + Q-Former (paper §3, Fig. 1).
+
+    image (B, 3, S, S)
+      -> ViT (EVA ViT-g/14 at full scale)       (B, 1 + P, Wv)   P = (S / patch)^2
+      -> ln_vision (LayerNorm, in fp32)          (B, 1 + P, Wv)
+      -> Q-Former: Q learned queries cross-attend to the image
+                                                 (B, Q, Hq)       Q = 32, Hq = 768 at full scale
+
+transformers' `Blip2VisionModel` (its `post_layernorm` is LAVIS's `ln_vision`) and
+`Blip2QFormerModel` are the maintained port of exactly these parts; the query tokens
+are our own parameter. The Llama-2 variant has no Q-Former: it drops CLS and groups 4
+adjacent patch tokens, (B, 256, 1408) -> (B, 64, 5632).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+
+from .config import ModelConfig
+from .llm import freeze
+
+
+class VisualEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # initializer_range defaults to 1e-10 in Blip2VisionConfig: weights would be ~0
+        self.vision = Blip2VisionModel(Blip2VisionConfig(**cfg.vision, initializer_range=0.02))
+        self.qformer = None
+        if cfg.qformer is not None:
+            qcfg = Blip2QFormerConfig(**cfg.qformer)
+            qcfg._attn_implementation = "eager"  # so attention maps can be shown (notebook 01)
+            assert qcfg.encoder_hidden_size == cfg.vision_width, "Q-Former must read the ViT's width"
+            self.qformer = Blip2QFormerModel(qcfg)
+            self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, qcfg.hidden_size) * 0.02)
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.proj_in
+
+    def vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1 + P, Wv): ViT tokens after ln_vision, computed in fp32."""
+        v = self.vision
+        dtype = next(v.encoder.parameters()).dtype
+        x = v.embeddings(pixel_values.to(dtype))
+        x = v.encoder(inputs_embeds=x).last_hidden_state
+        ln = v.post_layernorm
+        return nn.functional.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(),
+                                        ln.bias.float(), ln.eps)
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+        """(B, 3, S, S) -> (B, N, D) image features that `llama_proj` maps into the LLM.
+
+        With `output_attentions`, also returns the Q-Former's cross-attention maps, a list
+        of (B, heads, Q, 1 + P) tensors, one per cross-attention layer.
+        """
+        return self.read_out(self.vit(pixel_values), output_attentions)
+
+    def read_out(self, img: torch.Tensor, output_attentions: bool = False):
+        """ViT tokens (B, 1+P, Wv) -> image features: Q-Former queries, or grouped patches."""
+        if self.qformer is None:                                        # Llama-2 variant
+            patches = img[:, 1:, :]                                     # (B, P, Wv)
+            b, p, w = patches.shape
+            g = self.cfg.proj_group
+            return patches.reshape(b, p // g, w * g)                    # (B, P/4, 4*Wv)
+        q = self.query_tokens.expand(img.shape[0], -1, -1).to(img.dtype)  # (B, Q, Hq)
+        out = self.qformer(query_embeds=q, encoder_hidden_states=img,
+                           encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long,
+                                                             device=img.device),
+                           output_attentions=output_attentions)
+        feats = out.last_hidden_state                                   # (B, Q, Hq)
+        if output_attentions:
+            return feats, [a for a in out.cross_attentions if a is not None]
+        return feats
+
+    # ------------------------------------------------------------ saving / loading
+    def save(self, folder: str | Path, extra: dict | None = None) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        meta = {"image_size": self.cfg.image_size, "vision": self.cfg.vision,
+                "qformer": self.cfg.qformer, "num_query_tokens": self.cfg.num_query_tokens}
+        (folder / "config.json").write_text(json.dumps({**meta, **(extra or {})}, indent=2))
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, folder: str | Path | None = None) -> "VisualEncoder":
+        """Build the encoder for `cfg` and load its frozen weights.
+
+        `folder` (default `cfg.encoder_path`) is either one written by `save` (tiny scale)
+        or a transformers BLIP-2 checkpoint (e.g. Salesforce/blip2-flan-t5-xxl), from which
+        only `vision_model.*`, `qformer.*` and `query_tokens` are read.
+        """
+        folder = Path(folder or cfg.encoder_path)
+        enc = cls(cfg)
+        if (folder / "model.safetensors").exists() and not _is_blip2_hf(folder):
+            sd = load_file(str(folder / "model.safetensors"))
+        else:
+            sd = _read_blip2_hf(folder, want_qformer=cfg.qformer is not None)
+        _load_strict(enc, sd, folder)
+        enc.vision.to(getattr(torch, cfg.vit_dtype))
+        enc.vision.post_layernorm.float()
+        return freeze(enc)
+
+
+def _is_blip2_hf(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    return cfg.exists() and json.loads(cfg.read_text()).get("model_type", "").startswith("blip")
+
+
+def _read_blip2_hf(folder: Path, want_qformer: bool) -> dict[str, torch.Tensor]:
+    """Read the encoder's tensors from a transformers BLIP-2 checkpoint (sharded or not)."""
+    if not folder.exists():
+        raise FileNotFoundError(f"encoder folder {folder} does not exist")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in folder.glob("*.safetensors")]
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder} (expected a BLIP-2 checkpoint)")
+    from safetensors import safe_open
+    rename = {"vision_model.": "vision."}
+    if want_qformer:
+        rename.update({"qformer.": "qformer.", "query_tokens": "query_tokens"})
+    sd = {}
+    for f in files:
+        with safe_open(str(folder / f), framework="pt") as fh:
+            for k in fh.keys():
+                for src, dst in rename.items():
+                    if k.startswith(src):
+                        sd[dst + k[len(src):]] = fh.get_tensor(k)
+    return sd
+
+
+def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], where: Path) -> None:
+    """Load every parameter, checking names and shapes; name what is missing or wrong."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or bad:
+        raise ValueError(f"encoder weights in {where} do not fit the config: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                         f"shape mismatches {bad[:5]}")
+    if unexpected:
+        raise ValueError(f"encoder weights in {where} hold unexpected tensors {unexpected[:5]}")
+    module.load_state_dict(sd, strict=True)

@@ -1,0 +1,236 @@
+"""MiniGPT-4: frozen encoder -> ONE trainable linear layer -> frozen LLM (paper §3, Fig. 1).
+
+    image (B, 3, S, S) --encoder (frozen)--> (B, Q, Hq) --llama_proj--> (B, Q, D) image tokens
+
+The image tokens are spliced into the prompt where it says `<ImageHere>`: the prompt is
+split there, both halves are tokenized without special tokens and embedded with the
+LLM's own (frozen) embedding table, and the sequence
+
+    [BOS] [prompt before] [image tokens] [prompt after] [answer + end_sym] [padding]
+    labels: -100 ...................................... answer ids        -100
+
+is fed to the frozen LLM; the loss is on the answer only. Stage 1 has no prompt:
+`[BOS][image][caption + "\\n"]`. Generation uses the KV cache, stops at `###` whatever
+its tokenization, and returns only the new text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig
+from .encoder import VisualEncoder
+from .llm import load_llm
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+STOP_STRINGS = ("###",)
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings (the demo's defaults: 300 new tokens, 1 beam, T=1.0, top-p 0.9)."""
+    max_new_tokens: int = 300
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    min_length: int = 1
+
+
+class MiniGPT4(nn.Module):
+    def __init__(self, cfg: ModelConfig, encoder: VisualEncoder, llm, tokenizer):
+        super().__init__()
+        self.cfg, self.encoder, self.llm, self.tokenizer = cfg, encoder, llm, tokenizer
+        d_llm = llm.config.hidden_size
+        self.llama_proj = nn.Linear(cfg.proj_in, d_llm)   # the ONLY trainable layer
+        self.llama_proj.to(next(llm.parameters()).dtype if cfg.llm_dtype == "float32" else torch.float32)
+        for m in (self.encoder, self.llm):                 # frozen, decided in one place
+            for p in m.parameters():
+                p.requires_grad_(False)
+            m.eval()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, projection: str | Path | None = None) -> "MiniGPT4":
+        """Load the frozen parts named by `cfg` (and a trained projection, if given)."""
+        llm, tok = load_llm(cfg.llm_path, cfg.llm_dtype)
+        model = cls(cfg, VisualEncoder.load(cfg), llm, tok)
+        if projection:
+            model.load_projection(projection)
+        return model
+
+    # ------------------------------------------------------------- freezing
+    def trainable_parameters(self):
+        return [(f"llama_proj.{n}", p) for n, p in self.llama_proj.named_parameters()]
+
+    def train(self, mode: bool = True) -> "MiniGPT4":
+        """Only the projection ever leaves eval mode; the frozen parts stay frozen."""
+        super().train(mode)
+        self.encoder.eval()
+        self.llm.eval()
+        return self
+
+    def train_mode(self) -> "MiniGPT4":
+        return self.train(True)
+
+    # ------------------------------------------------------------- checkpoints
+    def save_projection(self, path: str | Path) -> None:
+        save_file({n: p.detach().contiguous() for n, p in self.trainable_parameters()}, str(path))
+
+    def load_projection(self, path: str | Path) -> None:
+        """Load `llama_proj` from our safetensors file, a trainer checkpoint folder, or a
+        released MiniGPT-4 `.pth` (`{"model": {...}}`, read with weights_only=True)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"projection checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path))
+        else:
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - name the file, whatever went wrong
+                raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
+            sd = obj.get("model", obj) if isinstance(obj, dict) else {}
+        w, b = sd.get("llama_proj.weight"), sd.get("llama_proj.bias")
+        if w is None or b is None:
+            raise ValueError(f"{path} holds no llama_proj.weight / llama_proj.bias "
+                             f"(keys: {sorted(sd)[:8]})")
+        if w.shape != self.llama_proj.weight.shape or b.shape != self.llama_proj.bias.shape:
+            raise ValueError(f"{path}: llama_proj is {tuple(w.shape)}, this model needs "
+                             f"{tuple(self.llama_proj.weight.shape)} ({self.cfg.name})")
+        with torch.no_grad():
+            self.llama_proj.weight.copy_(w)
+            self.llama_proj.bias.copy_(b)
+
+    # ------------------------------------------------------------- embeddings
+    @property
+    def device(self) -> torch.device:
+        return self.llama_proj.weight.device
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, Hq) frozen encoder outputs (cacheable: no trainable part)."""
+        return self.encoder(pixel_values.to(self.device))
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, N, Hq) -> (B, N, D) image tokens in the LLM's embedding space."""
+        return self.llama_proj(feats.to(self.llama_proj.weight.dtype))
+
+    def embed_images(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None):
+        if feats is None:
+            feats = self.image_features(images)
+        return self.project(feats)
+
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        t = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self.llm.get_input_embeddings()(t)                               # (T, D)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prompt_segments(self, prompt: str | None) -> tuple[list[int], list[int]]:
+        """Token ids before and after the single `<ImageHere>` of a prompt."""
+        if prompt is None:
+            return [], []
+        parts = prompt.split(IMAGE_PLACEHOLDER)
+        if len(parts) != 2:
+            raise ValueError(f"a prompt needs exactly one {IMAGE_PLACEHOLDER}: {prompt!r}")
+        return self.tokenize(parts[0]), self.tokenize(parts[1])
+
+    # ------------------------------------------------------------- training
+    def build_inputs(self, img_embeds: torch.Tensor, answers: list[str],
+                     prompts: list[str | None] | None = None, max_txt_len: int = 32,
+                     end_sym: str = "\n") -> dict[str, torch.Tensor]:
+        """Training inputs: inputs_embeds (B, T, D), attention_mask (B, T), labels (B, T).
+
+        Row b is `[BOS] before_b [image_b] after_b answer_b+end_sym`, right-padded; the
+        answer (with end_sym) is cut to `max_txt_len` tokens; labels are -100 everywhere
+        but on the answer tokens.
+        """
+        B, N, D = img_embeds.shape
+        prompts = prompts or [None] * B
+        bos = self.tokenizer.bos_token_id
+        rows, labels = [], []
+        for b in range(B):
+            before, after = self.prompt_segments(prompts[b])
+            ans = self.tokenize(answers[b] + end_sym)[:max_txt_len]
+            pre = self.embed_ids([bos] + before)                                # (1+Tb, D)
+            post = self.embed_ids(after + ans)                                  # (Ta+Tans, D)
+            rows.append(torch.cat([pre, img_embeds[b], post]))
+            labels.append([-100] * (1 + len(before) + N + len(after)) + ans)
+        T = max(len(r) for r in rows)
+        emb = img_embeds.new_zeros(B, T, D)
+        mask = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        lab = torch.full((B, T), -100, dtype=torch.long, device=self.device)
+        for b, r in enumerate(rows):
+            emb[b, : len(r)] = r
+            mask[b, : len(r)] = 1
+            lab[b, : len(r)] = torch.tensor(labels[b], device=self.device)
+        return {"inputs_embeds": emb, "attention_mask": mask, "labels": lab}
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """batch: {"feats" (B, N, Hq) or "images" (B, 3, S, S), "answers", optional
+        "prompts", "max_txt_len", "end_sym"} -> mean cross-entropy on the answers."""
+        img = self.embed_images(batch.get("images"), batch.get("feats"))
+        inputs = self.build_inputs(img, batch["answers"], batch.get("prompts"),
+                                   batch.get("max_txt_len", self.cfg.max_txt_len_stage1),
+                                   batch.get("end_sym", "\n"))
+        return self.llm(**inputs).loss
+
+    # ------------------------------------------------------------- generation
+    def build_generation_inputs(self, img_embeds: torch.Tensor | None, prompts: list[str]):
+        """Left-padded [BOS] before [image] after, for batched generation.
+
+        `img_embeds` is (B, N, D), or None for text-only prompts (no `<ImageHere>`).
+        """
+        bos = self.tokenizer.bos_token_id
+        rows = []
+        for b, p in enumerate(prompts):
+            if img_embeds is None:
+                rows.append(self.embed_ids([bos] + self.tokenize(p)))
+                continue
+            before, after = self.prompt_segments(p)
+            rows.append(torch.cat([self.embed_ids([bos] + before), img_embeds[b], self.embed_ids(after)]))
+        T, D = max(len(r) for r in rows), rows[0].shape[-1]
+        emb = rows[0].new_zeros(len(rows), T, D)
+        mask = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)
+        for b, r in enumerate(rows):
+            emb[b, T - len(r):] = r
+            mask[b, T - len(r):] = 1
+        return emb, mask
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], images: torch.Tensor | None = None,
+                 feats: torch.Tensor | None = None, img_embeds: torch.Tensor | None = None,
+                 settings: GenerationSettings | None = None, stop: tuple[str, ...] = STOP_STRINGS,
+                 streamer=None, generator_seed: int | None = None, **generate_kwargs) -> list[str]:
+        """Answer each prompt about its image; returns only the new text, cut at the stop
+        strings and at `Assistant:` (the demo's post-processing). Extra keyword arguments
+        go to transformers' `generate` (e.g. `logits_processor`)."""
+        s = settings or GenerationSettings()
+        if img_embeds is None and (images is not None or feats is not None):
+            img_embeds = self.embed_images(images, feats)
+        emb, mask = self.build_generation_inputs(img_embeds, prompts)
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        kw = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=s.do_sample,
+                  repetition_penalty=s.repetition_penalty, min_length=s.min_length,
+                  stop_strings=list(stop), tokenizer=self.tokenizer, use_cache=True,
+                  pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
+        kw.update(generate_kwargs)
+        if s.do_sample:
+            kw.update(temperature=s.temperature, top_p=s.top_p)
+        out = self.llm.generate(inputs_embeds=emb, attention_mask=mask, **kw)  # new tokens only
+        return [self.clean_output(self.tokenizer.decode(o, skip_special_tokens=True), stop) for o in out]
+
+    @staticmethod
+    def clean_output(text: str, stop: tuple[str, ...] = STOP_STRINGS) -> str:
+        for s in stop:
+            text = text.split(s)[0]
+        return text.split("Assistant:")[0].strip()

@@ -1,0 +1,152 @@
+"""Stage 1: align the image tokens with the LLM on image-caption pairs (paper §3.1).
+
+The sequence is `[BOS][image][caption + "\\n"]` with no instruction; only `llama_proj`
+learns. At full scale the pairs stream from LAION / CC / SBU webdataset shards; at the
+tiny scale from ShapesWorld shards written in the same format and read by the same
+reader. Because the encoder is frozen and the tiny eval transform is deterministic, its
+outputs are computed once and cached (`FeatureSet`): stage 1 then costs only the LLM.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import shapesworld as sw
+from .data import ImageProcessor, ShardStats, clean_caption, read_shards, write_shards
+from .model import GenerationSettings, MiniGPT4
+
+# Stage-1 generation: just the image, then the caption up to the newline.
+CAPTION_PROMPT = "<ImageHere>"
+# The paper's stage-2 data-generation prompt (§3.2), asked of the stage-1 model.
+DETAIL_PROMPT = ("###Human: <Img><ImageHere></Img> Describe this image in detail. Give as many "
+                 "details as possible. Say everything you see. ###Assistant: ")
+
+
+def write_shapesworld_shards(out_dir: str | Path, split: str, n: int, image_size: int = 64,
+                             shard_size: int = 2000) -> list[Path]:
+    """Render `n` scenes of `split` with one noisy caption each as webdataset shards.
+
+    Each sample is `KEY.jpg` + `KEY.json` = {"caption": ..., "scene": {...}}. Existing
+    complete shards are reused (the files are a pure function of split, n and size).
+    """
+    out_dir = Path(out_dir)
+    done = out_dir / f"{split}-{n}-{image_size}.done"
+    if done.exists():
+        return [out_dir / f for f in json.loads(done.read_text())]
+
+    def samples():
+        for i, s in enumerate(sw.split(split, n)):
+            rng = random.Random(s.seed)
+            yield f"{split}{i:07d}", sw.render(s, image_size), {"caption": sw.caption(s, rng),
+                                                                 "scene": s.to_dict()}
+
+    paths = write_shards(samples(), out_dir, prefix=f"{split}", shard_size=shard_size)
+    done.write_text(json.dumps([p.name for p in paths]))
+    return paths
+
+
+@dataclass
+class FeatureSet:
+    """Frozen-encoder outputs of a set of images with their captions (and scenes, if known)."""
+    feats: torch.Tensor           # (N, Q, Hq)
+    captions: list[str]
+    scenes: list[sw.Scene | None]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def subset(self, idx) -> "FeatureSet":
+        idx = list(idx)
+        return FeatureSet(self.feats[idx], [self.captions[i] for i in idx],
+                          [self.scenes[i] for i in idx], [self.keys[i] for i in idx])
+
+
+def _fingerprint(model: MiniGPT4, urls: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in list(model.encoder.state_dict().values())[:4]:
+        h.update(p.float().flatten()[:64].numpy().tobytes())
+    for u in urls:
+        h.update(f"{Path(u).name}:{Path(u).stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_shards(model: MiniGPT4, urls: list[Path], cache_dir: str | Path | None = None,
+                  batch_size: int = 250, stats: ShardStats | None = None) -> FeatureSet:
+    """Read shards (bad samples skipped and counted in `stats`), run the frozen encoder once.
+
+    With `cache_dir`, the result is saved as safetensors keyed by the encoder and shards,
+    so a second call (or a restarted kernel) loads it instead of recomputing.
+    """
+    urls = [Path(u) for u in urls]
+    cache = Path(cache_dir) / f"features-{_fingerprint(model, urls)}" if cache_dir else None
+    if cache and (cache / "meta.json").exists():
+        meta = json.loads((cache / "meta.json").read_text())
+        return FeatureSet(load_file(str(cache / "feats.safetensors"))["feats"], meta["captions"],
+                          [sw.Scene.from_dict(s) if s else None for s in meta["scenes"]], meta["keys"])
+    proc = ImageProcessor(model.cfg, train=False)
+    stats = stats if stats is not None else ShardStats()
+    feats, caps, scenes, keys, buf = [], [], [], [], []
+
+    def flush():
+        if buf:
+            feats.append(model.image_features(torch.stack(buf)).float().cpu())
+            buf.clear()
+
+    for smp in tqdm(read_shards(urls, stats), desc="encode images (frozen)", unit="img"):
+        buf.append(proc(smp.image))
+        caps.append(smp.meta["caption"])
+        scenes.append(sw.Scene.from_dict(smp.meta["scene"]) if "scene" in smp.meta else None)
+        keys.append(smp.key)
+        if len(buf) == batch_size:
+            flush()
+    flush()
+    fs = FeatureSet(torch.cat(feats), caps, scenes, keys)
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        save_file({"feats": fs.feats.contiguous()}, str(cache / "feats.safetensors"))
+        tmp = cache / "meta.json.tmp"
+        tmp.write_text(json.dumps({"captions": caps, "keys": keys,
+                                   "scenes": [s.to_dict() if s else None for s in scenes]}))
+        tmp.replace(cache / "meta.json")
+    return fs
+
+
+def caption_batches(fs: FeatureSet, batch_size: int, max_txt_len: int = 32):
+    """`get_batch(step, generator)` for the trainer: random captioned feature batches."""
+    def get_batch(step: int, g: torch.Generator) -> dict:
+        idx = torch.randint(0, len(fs), (batch_size,), generator=g)
+        return {"feats": fs.feats[idx], "answers": [clean_caption(fs.captions[i]) for i in idx.tolist()],
+                "max_txt_len": max_txt_len, "end_sym": "\n"}
+    return get_batch
+
+
+def generate_over(model: MiniGPT4, fs: FeatureSet, prompt: str, settings: GenerationSettings,
+                  stop: tuple[str, ...] = ("###",), batch_size: int = 100, desc: str = "generate") -> list[str]:
+    """Generate one answer per image of `fs` to the same prompt, in batches."""
+    out: list[str] = []
+    for i in tqdm(range(0, len(fs), batch_size), desc=desc, leave=False):
+        f = fs.feats[i:i + batch_size]
+        out += model.generate([prompt] * len(f), feats=f, settings=settings, stop=stop)
+    return out
+
+
+def caption(model: MiniGPT4, fs: FeatureSet, max_new_tokens: int = 20, batch_size: int = 100) -> list[str]:
+    """Short captions: `[BOS][image]` continued greedily up to the newline."""
+    return generate_over(model, fs, CAPTION_PROMPT, GenerationSettings(max_new_tokens=max_new_tokens),
+                         stop=("\n", "###"), batch_size=batch_size, desc="caption")
+
+
+def describe_in_detail(model: MiniGPT4, fs: FeatureSet, max_new_tokens: int = 120,
+                       batch_size: int = 100) -> list[str]:
+    """Answers to the paper's detailed-description prompt (greedy)."""
+    return generate_over(model, fs, DETAIL_PROMPT, GenerationSettings(max_new_tokens=max_new_tokens),
+                         batch_size=batch_size, desc="describe")

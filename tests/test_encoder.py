@@ -1,0 +1,87 @@
+"""The frozen encoder: transformers' BLIP-2 parts, loadable from a real BLIP-2 checkpoint.
+
+Real weights cannot be downloaded here, so the test builds a miniature
+`Blip2ForConditionalGeneration` checkpoint in the same format (sharded safetensors +
+config.json, as on the hub) and checks our encoder reads it and gives the same query
+outputs as transformers' own BLIP-2 model.
+"""
+import pytest
+import torch
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig,
+                          Blip2VisionConfig, OPTConfig)
+
+from minigpt4_min.config import get_config
+from minigpt4_min.encoder import VisualEncoder
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=32, patch_size=8, qkv_bias=True, layer_norm_eps=1e-6)
+QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               cross_attention_frequency=2, encoder_hidden_size=32, vocab_size=2)
+
+
+@pytest.fixture
+def blip2_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    cfg = Blip2Config(vision_config=Blip2VisionConfig(**VISION, initializer_range=0.02).to_dict(),
+                      qformer_config=Blip2QFormerConfig(**QFORMER).to_dict(),
+                      text_config=OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                            ffn_dim=32, num_attention_heads=2,
+                                            word_embed_proj_dim=16).to_dict(),
+                      num_query_tokens=4)
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():   # make every tensor distinct from a fresh init
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    return tmp_path, model
+
+
+def test_loads_blip2_checkpoint_and_matches_transformers(blip2_checkpoint):
+    folder, ref = blip2_checkpoint
+    assert len(list(folder.glob("*.safetensors"))) > 1, "want a sharded checkpoint"
+    cfg = get_config("vicuna7b", image_size=32, vision=VISION, qformer=QFORMER, num_query_tokens=4,
+                     vit_dtype="float32", encoder_path=str(folder))
+    enc = VisualEncoder.load(cfg)
+    assert not any(p.requires_grad for p in enc.parameters()) and not enc.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = enc(x)                                                        # (2, 4, 32)
+        img = ref.vision_model(pixel_values=x).last_hidden_state
+        q = ref.query_tokens.expand(2, -1, -1)
+        theirs = ref.qformer(query_embeds=q, encoder_hidden_states=img).last_hidden_state
+    assert ours.shape == (2, 4, 32)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_llama2_variant_groups_four_patches(blip2_checkpoint):
+    folder, ref = blip2_checkpoint
+    cfg = get_config("llama2-7b", image_size=32, vision=VISION, vit_dtype="float32", encoder_path=str(folder))
+    enc = VisualEncoder.load(cfg)
+    assert enc.qformer is None
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = enc(x)                                                         # (1, 16/4, 4*32)
+        patches = ref.vision_model(pixel_values=x).last_hidden_state[:, 1:]
+    assert out.shape == (1, 4, 128) == (1, cfg.num_image_tokens, cfg.proj_in)
+    torch.testing.assert_close(out[0, 1], patches[0, 4:8].reshape(-1))
+
+
+def test_mismatched_checkpoint_names_the_problem(blip2_checkpoint):
+    folder, _ = blip2_checkpoint
+    cfg = get_config("vicuna7b", image_size=32, vision=dict(VISION, hidden_size=48),
+                     qformer=dict(QFORMER, encoder_hidden_size=48), num_query_tokens=4, encoder_path=str(folder))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        VisualEncoder.load(cfg)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        VisualEncoder.load(cfg, folder / "nope")
+
+
+def test_tiny_encoder_save_load_round_trip(tmp_path):
+    cfg = get_config("tiny", encoder_path=str(tmp_path))
+    torch.manual_seed(0)
+    enc = VisualEncoder(cfg).eval()
+    enc.save(tmp_path)
+    back = VisualEncoder.load(cfg)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), back(x))
