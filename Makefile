@@ -27,7 +27,7 @@ lab: $(VENV)/.installed             ## open JupyterLab with the project's kernel
 	$(PY) -m pip install --quiet -e ".[lab]"
 	$(VENV)/bin/jupyter lab notebooks
 
-pretrain: $(VENV)/.installed        ## re-make the shipped miniature encoder + LLM (~25 min)
+pretrain: $(VENV)/.installed        ## re-make the shipped miniature encoder + LLM (about an hour)
 	$(PY) -m minigpt4_min.pretrain --out data/tiny
 
 clean:
