@@ -47,8 +47,7 @@ class MiniGPT4(nn.Module):
         super().__init__()
         self.cfg, self.encoder, self.llm, self.tokenizer = cfg, encoder, llm, tokenizer
         d_llm = llm.config.hidden_size
-        self.llama_proj = nn.Linear(cfg.proj_in, d_llm)   # the ONLY trainable layer
-        self.llama_proj.to(next(llm.parameters()).dtype if cfg.llm_dtype == "float32" else torch.float32)
+        self.llama_proj = nn.Linear(cfg.proj_in, d_llm)   # the ONLY trainable layer (kept in fp32)
         for m in (self.encoder, self.llm):                 # frozen, decided in one place
             for p in m.parameters():
                 p.requires_grad_(False)
@@ -119,8 +118,9 @@ class MiniGPT4(nn.Module):
         return self.encoder(pixel_values.to(self.device))
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, N, Hq) -> (B, N, D) image tokens in the LLM's embedding space."""
-        return self.llama_proj(feats.to(self.llama_proj.weight.dtype))
+        """(B, N, Hq) -> (B, N, D) image tokens in the LLM's embedding space (and dtype)."""
+        out = self.llama_proj(feats.to(self.llama_proj.weight.dtype))
+        return out.to(self.llm.get_input_embeddings().weight.dtype)
 
     def embed_images(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None):
         if feats is None:

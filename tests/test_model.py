@@ -215,3 +215,28 @@ def test_same_seed_same_numbers():
         runs.append(([h["loss"] for h in hist], text, m.llama_proj.weight.clone()))
     assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
     assert torch.equal(runs[0][2], runs[1][2])
+
+
+def test_half_precision_llm_gets_image_tokens_in_its_dtype(random_model):
+    m = random_model
+    m.llm.to(torch.bfloat16)
+    img = m.project(_feats(m, 1))
+    assert img.dtype == torch.bfloat16 and m.llama_proj.weight.dtype == torch.float32
+    out = m.build_inputs(img, ["red circle"], None)
+    assert out["inputs_embeds"].dtype == torch.bfloat16
+    assert torch.isfinite(m.llm(**out).loss)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_beams_run(random_model):
+    from minigpt4_min.model import GenerationSettings
+    m = random_model
+    s = GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.95)
+    a = m.generate(["<ImageHere>"], feats=_feats(m, 1), settings=s, generator_seed=3)
+    b = m.generate(["<ImageHere>"], feats=_feats(m, 1), settings=s, generator_seed=3)
+    others = {m.generate(["<ImageHere>"], feats=_feats(m, 1), settings=s, generator_seed=k)[0] for k in range(4, 9)}
+    assert a == b and len(others | set(a)) > 1
+    beam = GenerationSettings(max_new_tokens=8, num_beams=3)
+    one = GenerationSettings(max_new_tokens=8, num_beams=1)
+    assert m.generate(["<ImageHere>"], feats=_feats(m, 1), settings=one) == \
+        m.generate(["<ImageHere>"], feats=_feats(m, 1), settings=GenerationSettings(max_new_tokens=8))
+    assert isinstance(m.generate(["<ImageHere>"], feats=_feats(m, 1), settings=beam)[0], str)

@@ -16,9 +16,13 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "encoder_attribute_accuracy",
                         lambda enc, head, scenes, batch=250: _ACC(enc, head, scenes[:20]))
     monkeypatch.setattr(pretrain, "redescribe_exact", lambda model, tok, scenes: _EXACT(model, tok, scenes[:4]))
-    manifest = pretrain.main(["--out", str(tmp_path), "--encoder-steps", "3", "--llm-steps", "3"])
+    manifest = pretrain.main(["--out", str(tmp_path), "--encoder-steps", "3", "--llm-steps", "3",
+                              "--encoder-continue-steps", "2", "--llm-continue-steps", "2", "--threads", "1"])
     assert set(manifest["parts"]) == {"encoder", "llm"}
-    assert manifest["parts"]["encoder"]["steps"] == 3 and manifest["parts"]["llm"]["steps"] == 3
+    for part in ("encoder", "llm"):   # phase 1 from scratch, phase 2 continued from it
+        phases = manifest["parts"][part]["phases"]
+        assert [p["steps"] for p in phases] == [3, 2]
+        assert phases[0]["init"] is None and phases[1]["init"] == str(tmp_path / part)
     assert 0.0 <= manifest["parts"]["encoder"]["attribute_accuracy_val"] <= 1.0
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
     assert manifest["files_bytes"]["encoder/model.safetensors"] > 0
@@ -28,7 +32,7 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     assert model.llama_proj.in_features == cfg.proj_in
     with torch.no_grad():
         feats = model.image_features(torch.zeros(2, 3, 64, 64))
-    assert feats.shape == (2, 16, 128)
+    assert feats.shape == (2, cfg.num_query_tokens, cfg.proj_in)
     # the frozen input embeddings kept their random N(0, 0.3) init
     std = model.llm.get_input_embeddings().weight.std().item()
     assert 0.25 < std < 0.35
