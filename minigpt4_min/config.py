@@ -132,7 +132,7 @@ STAGE1: dict[str, TrainConfig] = {
     "full": TrainConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000,
                         max_steps=20000, batch_size=64, ckpt_every=5000),
     # tiny: same schedule shape, scaled to minutes on 2 CPU cores
-    "tiny": TrainConfig(lr=3e-3, min_lr=3e-4, warmup_lr=1e-5, warmup_steps=100,
+    "tiny": TrainConfig(lr=1e-2, min_lr=1e-3, warmup_lr=1e-5, warmup_steps=100,
                         max_steps=1200, batch_size=64, log_every=20),
 }
 STAGE2: dict[str, TrainConfig] = {
