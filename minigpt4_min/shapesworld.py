@@ -17,7 +17,7 @@ on a background colour. This module also writes every kind of text the tiny scal
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -328,18 +328,6 @@ SKILL_REQUESTS = {
     "story": ["Tell me a story about it.", "Write a short story about this."],
     "ad": ["Write an ad for it.", "Write an advertisement for this."],
 }
-
-
-@dataclass
-class WorldSplit:
-    """A named, seeded slice of the world (train / val / test use disjoint seeds)."""
-    name: str
-    n: int
-    seed: int
-    scenes: list[Scene] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.scenes = make_scenes(self.n, self.seed)
 
 
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3, "encoder": 4, "stage2": 5}

@@ -4,7 +4,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from minigpt4_min.config import TrainConfig
-from minigpt4_min.model import MiniGPT4
 from minigpt4_min.train import Trainer, build_optimizer, lr_at
 
 

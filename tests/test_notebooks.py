@@ -2,7 +2,6 @@
 (notebooks/ci_params/NN_slug.json) in one shared run folder, in order, and the metrics it
 records are asserted here. A guard checks every injected parameter is declared."""
 import json
-from pathlib import Path
 
 import pytest
 
