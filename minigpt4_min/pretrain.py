@@ -66,6 +66,12 @@ class NotesHead(nn.Module):
         return self.slot(feats[:, : sw.NOTES_LEN]), self.bag(feats.mean(1))  # (B, 22, V), (B, V)
 
 
+def _phases(before: dict | None, metrics: dict) -> list[dict]:
+    """The history of a part: the phases of the run it continued (`before`), then this one."""
+    earlier = [] if not before else before.get("phases", [before])
+    return earlier + [{k: v for k, v in metrics.items() if k != "phases"}]
+
+
 def sincos_position_embeddings(enc: VisualEncoder) -> None:
     """Start the ViT's learned position embeddings from a 2-D sine-cosine pattern (as MAE
     does), at the scale of the patch embeddings. transformers initialises them at
@@ -146,10 +152,10 @@ def pretrain_encoder(out: Path, steps: int, seed: int = 0, n_eval: int = 1000,
             g["lr"] = lr_at(step, tc)
         rng = random.Random(seed * 1_000_003 + step)
         scenes = [sw.sample_scene(rng, seed=rng.randrange(2**31)) for _ in range(tc.batch_size)]
-        x = proc.batch(sw.render(s, cfg.image_size) for s in scenes)                # (B, 3, 64, 64)
+        drawn = [sw.render_with_shapes(s, cfg.image_size) for s in scenes]          # drawn once
+        x = proc.batch(img for img, _ in drawn)                                      # (B, 3, 64, 64)
         slots, bag = notes_targets(scenes, head.vocab)
-        patch_gold = torch.from_numpy(np.stack([sw.patch_shapes(s, cfg.image_size, patch)
-                                                for s in scenes])).long()          # (B, P)
+        patch_gold = torch.from_numpy(np.stack([sw.patch_shapes(m, patch) for _, m in drawn])).long()  # (B, P)
         img = enc.vit(x)                                                             # (B, 1+P, W)
         slot_logits, bag_logits = head(enc.read_out(img))
         loss = (nn.functional.cross_entropy(slot_logits.flatten(0, 1), slots.flatten())
@@ -169,11 +175,8 @@ def pretrain_encoder(out: Path, steps: int, seed: int = 0, n_eval: int = 1000,
     metrics = {"attribute_accuracy_val": acc, "steps": steps, "seconds": round(time.time() - t0, 1),
                "params": sum(p.numel() for p in enc.parameters()), "train": asdict(tc),
                "init": str(init) if init else None}
-    phases = []
-    if init is not None:
-        before = json.loads((Path(init) / "config.json").read_text()).get("pretraining", {})
-        phases = before.get("phases", [before])
-    metrics["phases"] = phases + [{k: v for k, v in metrics.items() if k != "phases"}]
+    before = json.loads((Path(init) / "config.json").read_text()).get("pretraining") if init else None
+    metrics["phases"] = _phases(before, metrics)
     enc.save(out / "encoder", extra={"pretraining": metrics})
     save_file({k: v.contiguous() for k, v in head.state_dict().items()},
               str(out / "encoder" / "notes_head.safetensors"))
@@ -290,11 +293,9 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
                "vocab_size": len(tok), "train": asdict(tc)}
     model.save_pretrained(str(out / "llm"))
     tok.save_pretrained(str(out / "llm"))
-    phases = []
-    if init is not None and (Path(init) / "pretraining.json").exists():
-        before = json.loads((Path(init) / "pretraining.json").read_text())
-        phases = before.get("phases", [before])
-    metrics["phases"] = phases + [{k: v for k, v in metrics.items() if k != "phases"}]
+    record = Path(init) / "pretraining.json" if init else None
+    before = json.loads(record.read_text()) if record and record.exists() else None
+    metrics["phases"] = _phases(before, metrics)
     (out / "llm" / "pretraining.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

@@ -112,7 +112,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def _draw(scene: Scene, size: int) -> tuple[Image.Image, np.ndarray]:
+def render_with_shapes(scene: Scene, size: int = 64) -> tuple[Image.Image, np.ndarray]:
     """The image and, pixel for pixel, which shape covers it (0 = background, i + 1 = SHAPES[i])."""
     rng = np.random.default_rng(scene.seed)
     bg = np.array(BACKGROUNDS[scene.background]) + rng.integers(-12, 13, 3)
@@ -139,18 +139,14 @@ def _draw(scene: Scene, size: int) -> tuple[Image.Image, np.ndarray]:
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """Draw `scene` as an RGB image of `size` x `size` px (jitter seeded by scene.seed)."""
-    return _draw(scene, size)[0]
+    return render_with_shapes(scene, size)[0]
 
 
-def shape_map(scene: Scene, size: int = 64) -> np.ndarray:
-    """(size, size) uint8: which shape covers each pixel of `render(scene, size)` (0 = none)."""
-    return _draw(scene, size)[1]
-
-
-def patch_shapes(scene: Scene, size: int, patch: int, min_pixels: int = 6) -> np.ndarray:
-    """(size/patch)^2 labels: the shape covering most of each patch (0 if < min_pixels)."""
-    m = shape_map(scene, size)
-    n = size // patch
+def patch_shapes(shape_map: np.ndarray, patch: int, min_pixels: int = 6) -> np.ndarray:
+    """(size/patch)^2 labels from a `render_with_shapes` map: the shape covering most of
+    each patch (0 if it covers fewer than `min_pixels`)."""
+    m = shape_map
+    n = m.shape[0] // patch
     blocks = m.reshape(n, patch, n, patch).transpose(0, 2, 1, 3).reshape(n * n, patch * patch)
     counts = np.stack([(blocks == k).sum(1) for k in range(len(SHAPES) + 1)], 1)   # (P, 6)
     counts[:, 0] = 0

@@ -79,3 +79,13 @@ def test_corpus_is_text_only_chat_with_every_kind():
     for marker in ("Once upon a time", "Buy the new", "Describe", "What color", "\n"):
         assert marker in text, marker
     assert len(chats) < len(docs), "catalogue records (notes + caption) are missing"
+
+
+def test_patch_shape_labels_match_the_scene():
+    for s in sw.split("val", 40):
+        img, shape_map = sw.render_with_shapes(s, 64)
+        assert np.array_equal(np.asarray(img), np.asarray(sw.render(s, 64)))
+        labels = sw.patch_shapes(shape_map, 8)
+        assert labels.shape == (64,)
+        present = {sw.SHAPES[k - 1] for k in set(labels.tolist()) - {0}}
+        assert present == s.shapes, (present, s)
