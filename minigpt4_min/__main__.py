@@ -1,8 +1,19 @@
-"""Command line: `python -m minigpt4_min series [--out DIR] [--ci] [--only 00 01]`."""
+"""Command line:
+
+    python -m minigpt4_min series [--out DIR] [--ci] [--only 00 01]
+    python -m minigpt4_min chat --image PATH [--checkpoint PROJ] [--scale tiny]
+        [--max-new-tokens N] [--temperature T] [--num-beams B]
+
+`chat` is the paper's demo in a terminal: one question per line on stdin, answers
+streamed to stdout; `/image PATH` adds an image, `/reset` starts over (same image),
+`/quit` (or end of input) exits.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,12 +24,106 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ci", action="store_true", help="use the small parameters of notebooks/ci_params")
     s.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 00 01")
     s.add_argument("--kernel", default="python3")
+    c = sub.add_parser("chat", help="chat about an image in the terminal (the paper's demo)")
+    c.add_argument("--image", required=True, help="image file to talk about")
+    c.add_argument("--checkpoint", help="trained projection (.safetensors, trainer folder or .pth)")
+    c.add_argument("--scale", default="tiny", help="model preset: tiny, vicuna7b, vicuna13b, llama2-7b")
+    c.add_argument("--template", help="conversation template (default: llama2 at llama2-*, else vicuna0)")
+    c.add_argument("--max-new-tokens", type=int, help="default: 120 at tiny scale, else 300")
+    c.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature with top-p 0.9 (the demo's default 1.0); 0 = greedy")
+    c.add_argument("--num-beams", type=int, default=1)
+    c.add_argument("--max-length", type=int, help="context length (default: min(2000, the scale's))")
+    c.add_argument("--seed", type=int, help="seed for sampling")
     a = ap.parse_args(argv)
     if a.cmd == "series":
         from .series import run_series
         run_series(a.out, ci=a.ci, only=a.only, kernel=a.kernel)
+    elif a.cmd == "chat":
+        return chat(a)
     return 0
 
+
+def _error(msg: object) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def chat(a: argparse.Namespace) -> int:
+    """The terminal chat loop; returns the exit code (2 for a missing / bad image or model)."""
+    if not Path(a.image).is_file():             # before the slow imports
+        return _error(f"{a.image}: no such image file")
+    import torch
+    import transformers
+
+    from .config import get_config
+    from .conversation import Chat, default_settings
+    from .data import BadImageError, load_image
+    from .model import MiniGPT4
+
+    try:
+        load_image(a.image)                     # fail fast, before loading the model
+    except BadImageError as e:
+        return _error(e)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model = MiniGPT4.from_config(get_config(a.scale), projection=a.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        return _error(e)
+    s = default_settings(model)
+    s.max_new_tokens = a.max_new_tokens or s.max_new_tokens
+    s.num_beams, s.do_sample = a.num_beams, a.temperature > 0
+    s.temperature = a.temperature if a.temperature > 0 else s.temperature
+    template = a.template or ("llama2" if a.scale.startswith("llama2") else "vicuna0")
+    try:
+        bot = Chat(model, template=template, settings=s, max_length=a.max_length)
+        bot.upload_img(a.image)
+    except (BadImageError, FileNotFoundError, ValueError) as e:
+        return _error(e)
+    if a.seed is not None:
+        torch.manual_seed(a.seed)
+    with warnings.catch_warnings():                 # e.g. "context cut": one plain line
+        warnings.showwarning = lambda msg, *_, **__: print(f"warning: {msg}", file=sys.stderr)
+        return _loop(bot, a.image)
+
+
+def _loop(bot, image: str) -> int:
+    """Read questions and commands from stdin until /quit or end of input."""
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("Human: ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":                      # EOF or /quit
+            return 0
+        line = line.strip()
+        if line == "/reset":                                         # start over, same image
+            bot.reset()
+            _upload(bot, image, "conversation reset")
+        elif line.startswith("/image"):                              # add another image
+            path = line[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr, flush=True)
+            elif _upload(bot, path, "image added"):
+                image = path
+        elif line:
+            bot.ask(line)
+            print("Assistant: ", end="", flush=True)
+            for piece in bot.stream_answer():
+                print(piece, end="", flush=True)
+            print(flush=True)
+
+
+def _upload(bot, path: str, done: str) -> bool:
+    from .data import BadImageError
+
+    try:
+        bot.upload_img(path)
+    except (BadImageError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return False
+    print(f"({done}: {path})", flush=True)
+    return True
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,6 +42,7 @@ class ModelConfig:
     end_sym: str = "###"
     max_txt_len_stage1: int = 32
     max_txt_len_stage2: int = 160
+    context_len: int = 2000           # chat context (prompt + answer); tiny LLM: 256-token blocks
     train_transform: str = "resize"   # "random_resized_crop" at full scale
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
@@ -109,7 +110,7 @@ TINY_LLM = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", 64, TINY_VISION, TINY_QFORMER, 24, TINY_LLM,
                         encoder_path=str(DATA_DIR / "tiny" / "encoder"),
-                        llm_path=str(DATA_DIR / "tiny" / "llm")),
+                        llm_path=str(DATA_DIR / "tiny" / "llm"), context_len=256),
     "vicuna7b": ModelConfig("vicuna7b", 224, EVA_VIT_G, BLIP2_QFORMER, 32, VICUNA_7B,
                             encoder_path="Salesforce/blip2-flan-t5-xxl", llm_path="vicuna-7b",
                             vit_dtype="float16", llm_dtype="float16",

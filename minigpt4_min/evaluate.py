@@ -13,7 +13,11 @@ and compare them with the scene.
 * object recall       objects of the image that are mentioned / objects in the image;
 * exact scene         the mentions are exactly the scene's objects with all four
                       attributes right, nothing more, and the background is right;
-* failure modes       too short, repeated phrases, broken (unfinished) last sentence.
+* failure modes       empty, too short, repeated phrases, broken (unfinished) last sentence,
+                      off-format (talks as Human / Assistant, emits template or image tags);
+* VQA accuracy        answers to generated questions (colour of X, where is X, how many
+                      shapes) that state the right value and no other value of that kind;
+* names a real object a text (e.g. a poem) mentions an object of the image with its colour.
 """
 from __future__ import annotations
 
@@ -117,19 +121,53 @@ def repeated_ngram_rate(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def repeated_sentence_rate(text: str) -> float:
+    """Fraction of sentences that repeat an earlier sentence of the same text (case-insensitive)."""
+    sents = [" ".join(_WORD.findall(s.lower())) for s in sentences(text)]
+    return 1.0 - len(set(sents)) / len(sents) if sents else 0.0
+
+
+def repetition(texts: list[str]) -> dict[str, float]:
+    """Mean repeated 3-gram rate and mean repeated-sentence rate over texts."""
+    k = max(len(texts), 1)
+    return {"repeated_ngram_rate": sum(repeated_ngram_rate(t) for t in texts) / k,
+            "repeated_sentence_rate": sum(repeated_sentence_rate(t) for t in texts) / k}
+
+
 def is_broken(text: str) -> bool:
     """An unfinished last sentence: the text does not end with . ! or ?"""
     t = text.strip()
     return bool(t) and t[-1] not in ".!?"
 
 
+_OFF_FORMAT = re.compile(r"\b(human|assistant)\s*:|</?img>|<imagehere>|###|\[/?inst\]", re.I)
+
+
+def is_off_format(text: str) -> bool:
+    """The answer leaves its role: speaks as Human / Assistant or emits the template's tags."""
+    return bool(_OFF_FORMAT.search(text))
+
+
 def failure_modes(text: str, min_words: int = 12, max_repeat: float = 0.2) -> dict[str, bool]:
-    """Failure modes of a *detailed* description that stage 2 must fix (paper §3.2)."""
-    n_words = len(_WORD.findall(text))
+    """Failure modes of a generated answer that stage 2 must fix (paper §3.2, §4.3).
+
+    empty: no words; too_short: fewer than `min_words` words (a *detailed* description
+    needs a dozen); repetitive: more than `max_repeat` of its word 3-grams repeat an
+    earlier one; broken: the last sentence is cut off (no final . ! ?); off_format: see
+    `is_off_format`. `any` is the failure used for the failure rate.
+    """
+    n_words = len(_WORD.findall(text.lower()))
     modes = {"empty": n_words == 0, "too_short": 0 < n_words < min_words,
-             "repetitive": repeated_ngram_rate(text) > max_repeat, "broken": is_broken(text)}
+             "repetitive": repeated_ngram_rate(text) > max_repeat, "broken": is_broken(text),
+             "off_format": is_off_format(text)}
     modes["any"] = any(modes.values())
     return modes
+
+
+def failure_rates(texts: list[str], **kw) -> dict[str, float]:
+    """Share of texts showing each failure mode (and `any`), see `failure_modes`."""
+    modes = [failure_modes(t, **kw) for t in texts]
+    return {k: sum(m[k] for m in modes) / max(len(modes), 1) for k in modes[0]} if modes else {}
 
 
 def caption_metrics(texts: list[str], scenes: list[sw.Scene]) -> dict[str, float]:
@@ -152,4 +190,99 @@ def caption_metrics(texts: list[str], scenes: list[sw.Scene]) -> dict[str, float
             "chair_i": n_hall / max(n_ment, 1), "chair_s": hall_texts / k,
             "object_recall": recalled / max(n_obj, 1),
             "mentions_per_text": n_ment / k,
-            "mean_words": sum(len(_WORD.findall(t)) for t in texts) / k}
+            "mean_words": sum(len(_WORD.findall(t.lower())) for t in texts) / k}
+
+
+# ------------------------------------------------------------------ VQA on generated questions
+@dataclass(frozen=True)
+class Question:
+    text: str
+    kind: str       # "colour" | "position" | "count"
+    answer: str     # the ground-truth value: a colour name, a position name or a count word
+
+
+def vqa_questions(scene: sw.Scene) -> list[Question]:
+    """Questions with one right answer: the colour of each shape that occurs once, where each
+    object is (by colour and shape), and how many shapes there are."""
+    counts = Counter(o.shape for o in scene.objects)
+    qs = [Question(f"What color is the {o.shape}?", "colour", o.colour)
+          for o in scene.objects if counts[o.shape] == 1]
+    qs += [Question(f"Where is the {o.colour} {o.shape}?", "position", o.position)
+           for o in scene.objects if sum(p.shape == o.shape and p.colour == o.colour for p in scene.objects) == 1]
+    n = len(scene.objects)
+    qs.append(Question("How many shapes are there?", "count", sw.COUNT_WORDS[n]))
+    return qs
+
+
+def _values(text: str, kind: str) -> set[str]:
+    t = text.lower()
+    words = set(_WORD.findall(t))
+    if kind == "colour":
+        return words & set(sw.COLOURS)
+    if kind == "count":
+        digits = {str(i): w for i, w in enumerate(sw.COUNT_WORDS)}
+        return (words & set(sw.COUNT_WORDS[1:])) | {digits[d] for d in re.findall(r"\b\d\b", t) if d in digits}
+    hits = {p for phrase, p in _PHRASE_TO_POS.items() if phrase in t}
+    return hits | {p for p in sw.POSITIONS if re.search(rf"\bthe {p}\b", t)}
+
+
+def vqa_correct(answer: str, q: Question) -> bool:
+    """Right iff the answer states the true value and no other value of the asked kind."""
+    return _values(answer, q.kind) == {q.answer}
+
+
+def vqa_accuracy(answers: list[str], questions: list[Question]) -> dict[str, float]:
+    """Overall and per-kind accuracy of `answers[i]` to `questions[i]`."""
+    if len(answers) != len(questions):
+        raise ValueError(f"{len(answers)} answers but {len(questions)} questions")
+    out, per = {}, {}
+    for a, q in zip(answers, questions):
+        per.setdefault(q.kind, []).append(vqa_correct(a, q))
+    allv = [v for vs in per.values() for v in vs]
+    out["vqa_accuracy"] = sum(allv) / max(len(allv), 1)
+    out.update({f"vqa_{k}": sum(v) / len(v) for k, v in per.items()})
+    return out
+
+
+# ------------------------------------------------------------------ emergent skills (paper §4)
+def names_real_object(text: str, scene: sw.Scene) -> bool:
+    """The text mentions an object of the scene with its colour ("a red circle" for a red circle)."""
+    return any(m.colour is not None and any(o.shape == m.shape and o.colour == m.colour for o in scene.objects)
+               for m in parse_mentions(text))
+
+
+# ------------------------------------------------------------------ one call: a model on a prompt set
+def evaluate_model(model, fs, prompts: dict[str, str], template: str = "###Human: {} ###Assistant: ",
+                   n_vqa: int = 60, max_new_tokens: int = 100, min_words: dict[str, int] | None = None,
+                   batch_size: int = 100) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Greedy answers of `model` for every image of `fs` (a `stage1.FeatureSet` with scenes) to
+    each prompt of `prompts` (name -> instruction with `<ImageHere>`), plus VQA on the first
+    `n_vqa` images. Returns (metrics "name/metric", answers per name).
+
+    Per prompt: failure rate and its modes, repetition, CHAIR_i / CHAIR_s, object recall,
+    attribute accuracy, mean words. `min_words` sets the too-short threshold per prompt
+    (default 12; give short captions and poems their own).
+    """
+    from .model import GenerationSettings
+    from .stage1 import generate_over
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    scenes, metrics, answers = fs.scenes, {}, {}
+    for name, instr in prompts.items():
+        out = generate_over(model, fs, template.format(instr), settings, batch_size=batch_size, desc=name)
+        answers[name] = out
+        fr = failure_rates(out, min_words=(min_words or {}).get(name, 12))
+        metrics.update({f"{name}/failure_rate": fr["any"], **{f"{name}/{k}": v for k, v in fr.items() if k != "any"}})
+        metrics.update({f"{name}/{k}": v for k, v in repetition(out).items()})
+        metrics.update({f"{name}/{k}": v for k, v in caption_metrics(out, scenes).items()})
+    if n_vqa:
+        qs = [(i, q) for i in range(min(n_vqa, len(fs))) for q in vqa_questions(scenes[i])]
+        prompts_q = [template.format("<Img><ImageHere></Img> " + q.text) for _, q in qs]
+        out = []
+        for j in range(0, len(qs), batch_size):
+            idx = [i for i, _ in qs[j:j + batch_size]]
+            out += model.generate(prompts_q[j:j + batch_size], feats=fs.feats[idx],
+                                  settings=GenerationSettings(max_new_tokens=24))
+        answers["vqa"] = [f"{q.text} -> {a}" for (_, q), a in zip(qs, out)]
+        metrics.update(vqa_accuracy(out, [q for _, q in qs]))
+    return metrics, answers

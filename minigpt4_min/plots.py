@@ -342,3 +342,43 @@ def loss_figure(history: list[dict], title: str = "training loss", smooth: int =
     ax.legend(loc="upper right")
     fig.tight_layout()
     return fig
+
+
+def funnel_figure(stages: list[tuple[str, int]], title: str = "stage-2 data funnel") -> Figure:
+    """Horizontal bars, one per pipeline step (e.g. generated -> continued -> refined -> kept)."""
+    fig = new_figure(figsize=(7, 0.6 * len(stages) + 1.2))
+    ax = fig.add_subplot()
+    names, counts = [s for s, _ in stages], [n for _, n in stages]
+    top = max(max(counts), 1)
+    bars = ax.barh(range(len(stages)), counts, color=[PART_COLOURS["qformer"]] * (len(stages) - 1)
+                   + [TRAINABLE["face"]], edgecolor="#555555")
+    for b, n in zip(bars, counts):
+        ax.text(b.get_width() + top * 0.01, b.get_y() + b.get_height() / 2, f"{n:,} ({n / counts[0]:.0%})",
+                va="center", fontsize=9)
+    ax.set_yticks(range(len(stages)), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.25)
+    ax.set_xlabel("image-text pairs")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(groups: list[str], series: dict[str, list[float]], ylabel: str, title: str = "",
+                 ylim: tuple[float, float] | None = (0, 1)) -> Figure:
+    """Bars of several series (e.g. stage 1 / stage 2 / no image) per group (e.g. poem / story / ad)."""
+    fig = new_figure(figsize=(1.6 + 1.5 * len(groups), 3.4))
+    ax = fig.add_subplot()
+    w = 0.8 / max(len(series), 1)
+    for k, (name, vals) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * w for i in range(len(groups))]
+        bars = ax.bar(xs, vals, w, label=name)
+        ax.bar_label(bars, [f"{v:.2f}" for v in vals], fontsize=8)
+    ax.set_xticks(range(len(groups)), groups)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig

@@ -37,6 +37,13 @@ def save_metrics(run_dir: str | Path, name: str, metrics: dict) -> Path:
     return path
 
 
+def fmt(v) -> str:
+    """A table cell: "–" for a missing value, 1 decimal above 1.5 (word counts), else 3."""
+    if v is None:
+        return "–"
+    return f"{v:.1f}" if abs(v) > 1.5 else f"{v:.3f}"
+
+
 def notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 

@@ -334,3 +334,16 @@ def split(name: str, n: int) -> list[Scene]:
     if name not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {name!r}; expected one of {list(SPLIT_SEEDS)}")
     return make_scenes(n, SPLIT_SEEDS[name])
+
+
+def scene_at(name: str, index: int) -> Scene:
+    """Scene `index` of split `name` (the same as `split(name, n)[index]`, without the others)."""
+    if name not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {name!r}; expected one of {list(SPLIT_SEEDS)}")
+    seed = SPLIT_SEEDS[name] * 1_000_003 + index
+    return sample_scene(random.Random(seed), seed=seed)
+
+
+def test_image(index: int, size: int = 64) -> Image.Image:
+    """Held-out test image `index` (e.g. the chat widget's "ShapesWorld sample")."""
+    return render(scene_at("test", index), size)

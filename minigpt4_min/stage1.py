@@ -120,6 +120,23 @@ def encode_shards(model: MiniGPT4, urls: list[Path], cache_dir: str | Path | Non
     return fs
 
 
+@torch.no_grad()
+def encode_images(model: MiniGPT4, images: list, keys: list[str], scenes: list | None = None,
+                  captions: list[str] | None = None, batch_size: int = 250) -> FeatureSet:
+    """Frozen-encoder features of in-memory images (eval transform), e.g. rendered scenes."""
+    proc = ImageProcessor(model.cfg, train=False)
+    feats = [model.image_features(torch.stack([proc(im) for im in images[i:i + batch_size]])).float().cpu()
+             for i in range(0, len(images), batch_size)]
+    n = len(images)
+    return FeatureSet(torch.cat(feats), captions or [""] * n, scenes or [None] * n, list(keys))
+
+
+def scene_features(model: MiniGPT4, scenes: list[sw.Scene], prefix: str = "img") -> FeatureSet:
+    """Render ShapesWorld scenes and encode them; keys are `{prefix}{index:05d}`."""
+    keys = [f"{prefix}{i:05d}" for i in range(len(scenes))]
+    return encode_images(model, [sw.render(s, model.cfg.image_size) for s in scenes], keys, scenes)
+
+
 def caption_batches(fs: FeatureSet, batch_size: int, max_txt_len: int = 32):
     """`get_batch(step, generator)` for the trainer: random captioned feature batches."""
     def get_batch(step: int, g: torch.Generator) -> dict:

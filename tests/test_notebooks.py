@@ -11,7 +11,7 @@ NOTEBOOKS = series.notebooks()
 
 
 def test_there_are_notebooks():
-    assert [p.stem[:2] for p in NOTEBOOKS][:3] == ["00", "01", "02"]
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05"]
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
@@ -84,3 +84,46 @@ def test_02_stage1_metrics(ci_run):
     assert m["caption_attribute_accuracy"] > m["caption_attribute_accuracy_before"] + 0.2
     assert m["frozen_unchanged"] is True
     assert m["trainable_params"] == m["proj_in"] * m["proj_out"] + m["proj_out"]
+
+
+@pytest.mark.notebook
+def test_03_stage2_data_metrics(ci_run):
+    m = ci_run[1]["03_stage2_data"]
+    assert m["n_generated"] >= m["n_refined"] >= m["n_kept"] > 0
+    # by construction of refine + review: nothing false, cut off or repeated survives
+    assert m["hallucinated_mentions_kept"] == 0 and m["kept_chair_i"] == 0.0
+    assert m["kept_empty_or_cut_off"] == 0 and m["kept_repeated_sentence_rate"] == 0.0
+    assert m["hallucinated_mentions_removed_by_review"] == m["hallucinated_mentions_refined"] > 0
+    assert m["refined_repeated_sentence_rate"] < m["raw_repeated_sentence_rate"]
+    out = ci_run[0] / "stage2_data" / "cc_sbu_align"
+    ann = json.loads((out / "filter_cap.json").read_text())["annotations"]
+    assert len(ann) == m["n_kept"] and all((out / "image" / f"{a['image_id']}.jpg").exists() for a in ann)
+
+
+@pytest.mark.notebook
+def test_04_stage2_metrics_and_same_seed_same_table(ci_run, tmp_path):
+    out, table = ci_run
+    m = table["04_stage2_finetuning"]
+    assert m["loss_last"] < m["loss_first"]
+    assert m["n_train_pairs"] == table["03_stage2_data"]["n_kept"]
+    for k, v in m.items():
+        if k.endswith(("failure_rate", "chair_i", "object_recall", "vqa_accuracy")):
+            assert 0.0 <= v <= 1.0, k
+    # same seed -> same table: run the notebook again on the same inputs
+    nb = next(p for p in NOTEBOOKS if p.stem.startswith("04"))
+    series.run_notebook(nb, tmp_path, {"run_dir": str(out), **series.ci_parameters(nb)})
+    again = json.loads((out / "metrics" / "04_stage2_finetuning.json").read_text())
+    table_keys = [k for k in m if k.startswith(("stage1/", "stage2/")) or k in ("loss_first", "loss_last")]
+    assert len(table_keys) > 40
+    assert {k: again[k] for k in table_keys} == {k: m[k] for k in table_keys}
+
+
+@pytest.mark.notebook
+def test_05_chat_metrics(ci_run):
+    m = ci_run[1]["05_chat"]
+    for who in ("stage_2", "stage_1_only", "no_image", "chance"):
+        for skill in ("poem", "story", "ad"):
+            assert 0.0 <= m[f"{who}/{skill}"] <= 1.0
+    # the image is what makes the skills name real objects: the image-less LLM does worse
+    assert m["skills_stage2_mean"] > m["skills_no_image_mean"]
+    assert all(f"turn{t}_vqa" in m for t in range(1, 6))

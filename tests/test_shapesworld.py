@@ -2,6 +2,7 @@
 import random
 
 import numpy as np
+import pytest
 
 from minigpt4_min import corpus
 from minigpt4_min import shapesworld as sw
@@ -89,3 +90,11 @@ def test_patch_shape_labels_match_the_scene():
         assert labels.shape == (64,)
         present = {sw.SHAPES[k - 1] for k in set(labels.tolist()) - {0}}
         assert present == s.shapes, (present, s)
+
+
+def test_scene_at_matches_split():
+    scenes = sw.split("test", 7)
+    assert sw.scene_at("test", 6) == scenes[6] and sw.scene_at("test", 0) == scenes[0]
+    assert sw.test_image(3).tobytes() == sw.render(scenes[3]).tobytes()
+    with pytest.raises(ValueError, match="unknown split"):
+        sw.scene_at("nope", 0)
