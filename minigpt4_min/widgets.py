@@ -23,6 +23,14 @@ from .conversation import IMAGE_MESSAGE, Chat
 from .review import ReviewSession
 
 
+def png_bytes(img: Image.Image, px: int) -> bytes:
+    """PNG of `img` scaled up by a whole factor to about `px` (NEAREST: 64-px pixels stay sharp)."""
+    k = max(1, px // max(img.size))
+    buf = io.BytesIO()
+    img.resize((img.width * k, img.height * k), Image.NEAREST).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 class ReviewWidget:
     """Review stage-2 pairs one by one: the image, the stage-1 text, the refined text (editable),
     Accept / Save edit / Reject (with a reason), Previous / Next unreviewed.
@@ -68,12 +76,7 @@ class ReviewWidget:
 
     # --- view
     def _png(self, image_id: str) -> bytes:
-        img = self.load_image(image_id)
-        k = max(1, self.display_px // max(img.size))      # 64 px -> 4x, blocky (NEAREST)
-        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return buf.getvalue()
+        return png_bytes(self.load_image(image_id), self.display_px)
 
     def show(self, index: int) -> None:
         """Show item `index` with its decision, if any."""
@@ -190,11 +193,8 @@ class ChatWidget:
         except Exception as e:                  # a bad image must not break the chat: say why
             self.status.value = f"cannot use {label}: {e}"
             return
-        img = img.convert("RGB")
-        k = max(1, self.thumb_px // max(img.size))
-        buf = io.BytesIO()
-        img.resize((img.width * k, img.height * k), Image.NEAREST).save(buf, format="PNG")
-        self._thumbs.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+        png = png_bytes(img.convert("RGB"), self.thumb_px)
+        self._thumbs.append("data:image/png;base64," + base64.b64encode(png).decode())
         self.status.value = f"{label} received"
         self._render()
 
