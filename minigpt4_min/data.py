@@ -113,7 +113,13 @@ class ImageProcessor:
         return img.resize((self.size, self.size), Image.BICUBIC)
 
     def batch(self, images: Iterable) -> torch.Tensor:
-        return torch.stack([self(i) for i in images])                      # (B, 3, S, S)
+        """Many images -> (B, 3, S, S). The eval transform of images already S x S is done on
+        the whole stack at once (the same numbers as one by one, several times faster)."""
+        images = [load_image(i) for i in images]
+        if self.random_crop or any(i.size != (self.size, self.size) for i in images):
+            return torch.stack([self(i) for i in images])
+        x = torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) for i in images]) / 255.0)
+        return (x.permute(0, 3, 1, 2) - self.mean) / self.std               # (B, 3, S, S)
 
 
 _PUNCT = re.compile(r'[.!"()*#:;~]')

@@ -12,8 +12,8 @@ then freezes them and ships them in `data/tiny/`:
 * LLM: transformers `LlamaForCausalLM` + byte-level BPE, trained on TEXT ONLY (corpus.py),
   with its input embeddings frozen at random N(0, 0.3) against embedding collapse.
 
-Reproduce the shipped files (about an hour on 2 cores; each part in two phases,
-from scratch and then continued on new data at a lower learning rate):
+Reproduce the shipped files (about an hour on 2 cores; each part in two phases, from
+scratch and then continued with a fresh warmup + cosine at a lower learning rate):
 
     python -m minigpt4_min.pretrain --out data/tiny
 """
@@ -39,7 +39,7 @@ from . import shapesworld as sw
 from .config import DATA_DIR, TrainConfig, get_config
 from .data import ImageProcessor
 from .encoder import VisualEncoder
-from .evaluate import exact_scene
+from .evaluate import exact_scene, vqa_accuracy, vqa_questions
 from .llm import load_tokenizer, tiny_llm_config, train_tokenizer
 from .train import build_optimizer, lr_at
 
@@ -125,7 +125,8 @@ def encoder_attribute_accuracy(enc: VisualEncoder, head: NotesHead, scenes: list
 def pretrain_encoder(out: Path, steps: int, seed: int = 0, n_eval: int = 1000,
                      init: Path | None = None) -> dict:
     """Pretrain the miniature encoder from scratch, or (`init`) continue a saved one
-    (encoder + notes head) with a fresh warmup + cosine on a new stream of scenes."""
+    (encoder + notes head) with a fresh warmup + cosine. The scenes depend on `seed` and
+    the step only, so a continued phase replays the first phase's stream of scenes."""
     torch.manual_seed(seed)
     cfg = get_config("tiny")
     tc = ENCODER_TRAIN.replace(max_steps=steps, warmup_steps=min(200, steps // 5), seed=seed)
@@ -217,6 +218,20 @@ def redescribe_exact(model, tok, scenes: list[sw.Scene]) -> float:
     return sum(exact_scene(t, s) for t, s in zip(texts, scenes)) / len(scenes)
 
 
+IMG_FRAME = "<Img>{} </Img>"      # the notes where MiniGPT-4's prompt puts the image tokens
+WORDS_FRAME = "Scene: {}."         # the notes as the pretraining corpus gives them
+
+
+def answer_accuracy(model, tok, scenes: list[sw.Scene], frame: str = IMG_FRAME) -> float:
+    """VQA accuracy (`evaluate.vqa_questions`) with the scene given in words, by default
+    framed as MiniGPT-4 frames an image (`<Img>notes </Img> question`): the ceiling of what
+    the LLM can answer about an image whose tokens said exactly what its notes say."""
+    qs = [(s, q) for s in scenes for q in vqa_questions(s)]
+    prompts = [f"###Human: {frame.format(sw.notes(s))} {q.text} ###Assistant: " for s, q in qs]
+    answers = generate_text(model, tok, prompts, max_new_tokens=20, batch=100)
+    return vqa_accuracy(answers, [q for _, q in qs])["vqa_accuracy"]
+
+
 LLM_CONTINUE = TrainConfig(lr=5e-4, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=50,
                            max_steps=500, batch_size=16, weight_decay=0.1, seed=1)
 LLM_BLOCK = 256
@@ -256,7 +271,8 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
         with torch.no_grad():
             emb.normal_(0.0, 0.3)  # frozen random input embeddings (DESIGN.md §5)
     else:
-        # a different data stream from phase 1: offset the seed
+        # tc.seed records the phase; the documents depend on `seed` and the step only, so a
+        # continued phase replays phase 1's stream of documents (as the shipped LLM was made)
         tc = LLM_CONTINUE.replace(max_steps=steps, warmup_steps=min(50, steps // 5), seed=seed + 1)
         model, tok = transformers.LlamaForCausalLM.from_pretrained(str(init)), load_tokenizer(init)
         emb = model.get_input_embeddings().weight
@@ -287,7 +303,8 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
     model.eval()
     seconds = time.time() - t0
     exact = redescribe_exact(model, tok, sw.split("val", n_eval))
-    metrics = {"redescribe_exact_val": exact, "steps": steps, "seconds": round(seconds, 1),
+    answers = answer_accuracy(model, tok, sw.split("val", n_eval))
+    metrics = {"redescribe_exact_val": exact, "answers_val": answers, "steps": steps, "seconds": round(seconds, 1),
                "init": str(init) if init else None,
                "tokens_seen": n_tok, "params": sum(p.numel() for p in model.parameters()),
                "vocab_size": len(tok), "train": asdict(tc)}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,25 +31,51 @@ DETAIL_PROMPT = ("###Human: <Img><ImageHere></Img> Describe this image in detail
                  "details as possible. Say everything you see. ###Assistant: ")
 
 
-def write_shapesworld_shards(out_dir: str | Path, split: str, n: int, image_size: int = 64,
-                             shard_size: int = 2000) -> list[Path]:
-    """Render `n` scenes of `split` with one noisy caption each as webdataset shards.
+def _write_shapesworld_shard(split: str, start: int, stop: int, image_size: int, folder: str) -> Path:
+    """Scenes start..stop-1 of `split` as ONE shard in `folder` (a worker of the function below)."""
+    def samples():
+        for i in range(start, stop):
+            s = sw.scene_at(split, i)
+            rng = random.Random(s.seed)
+            yield f"{split}{i:07d}", sw.render(s, image_size), {"caption": sw.caption(s, rng),
+                                                                 "scene": s.to_dict()}
 
-    Each sample is `KEY.jpg` + `KEY.json` = {"caption": ..., "scene": {...}}. Existing
-    complete shards are reused (the files are a pure function of split, n and size).
+    return write_shards(samples(), folder, prefix=split, shard_size=stop - start, overwrite=True)[0]
+
+
+def write_shapesworld_shards(out_dir: str | Path, split: str, n: int, image_size: int = 64,
+                             shard_size: int = 2000, workers: int = 2) -> list[Path]:
+    """Render `n` scenes of `split` with one noisy caption each as webdataset shards
+    `{split}-000000.tar`, ... of `shard_size` samples.
+
+    Each sample is `KEY.jpg` + `KEY.json` = {"caption": ..., "scene": {...}}. `workers`
+    processes render and write shards side by side (each into a folder of its own, then
+    moved into place). Existing complete shards are reused (the files are a pure function
+    of split, n and size).
     """
     out_dir = Path(out_dir)
     done = out_dir / f"{split}-{n}-{image_size}.done"
     if done.exists():
         return [out_dir / f for f in json.loads(done.read_text())]
-
-    def samples():
-        for i, s in enumerate(sw.split(split, n)):
-            rng = random.Random(s.seed)
-            yield f"{split}{i:07d}", sw.render(s, image_size), {"caption": sw.caption(s, rng),
-                                                                 "scene": s.to_dict()}
-
-    paths = write_shards(samples(), out_dir, prefix=f"{split}", shard_size=shard_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{split}-*.tar"):    # left by an interrupted run
+        stale.unlink()
+    starts = list(range(0, n, shard_size))
+    jobs = [(split, a, min(a + shard_size, n), image_size, str(out_dir / f".{split}-part{k:06d}"))
+            for k, a in enumerate(starts)]
+    if workers > 1 and len(jobs) > 1:
+        # fork: workers only render and write (no torch), and start without re-importing
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            parts = list(pool.map(_write_shapesworld_shard, *zip(*jobs)))
+    else:
+        parts = [_write_shapesworld_shard(*job) for job in jobs]
+    paths = []
+    for k, part in enumerate(parts):
+        final = out_dir / f"{split}-{k:06d}.tar"
+        part.replace(final)
+        part.parent.rmdir()
+        paths.append(final)
     done.write_text(json.dumps([p.name for p in paths]))
     return paths
 
@@ -98,11 +126,11 @@ def encode_shards(model: MiniGPT4, urls: list[Path], cache_dir: str | Path | Non
 
     def flush():
         if buf:
-            feats.append(model.image_features(torch.stack(buf)).float().cpu())
+            feats.append(model.image_features(proc.batch(buf)).float().cpu())
             buf.clear()
 
     for smp in tqdm(read_shards(urls, stats), desc="encode images (frozen)", unit="img"):
-        buf.append(proc(smp.image))
+        buf.append(smp.image)
         caps.append(smp.meta["caption"])
         scenes.append(sw.Scene.from_dict(smp.meta["scene"]) if "scene" in smp.meta else None)
         keys.append(smp.key)
@@ -125,7 +153,7 @@ def encode_images(model: MiniGPT4, images: list, keys: list[str], scenes: list |
                   captions: list[str] | None = None, batch_size: int = 250) -> FeatureSet:
     """Frozen-encoder features of in-memory images (eval transform), e.g. rendered scenes."""
     proc = ImageProcessor(model.cfg, train=False)
-    feats = [model.image_features(torch.stack([proc(im) for im in images[i:i + batch_size]])).float().cpu()
+    feats = [model.image_features(proc.batch(images[i:i + batch_size])).float().cpu()
              for i in range(0, len(images), batch_size)]
     n = len(images)
     return FeatureSet(torch.cat(feats), captions or [""] * n, scenes or [None] * n, list(keys))

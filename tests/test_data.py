@@ -227,6 +227,15 @@ def test_image_processor_eval_shape_and_determinism():
     assert torch.allclose(white[:, 0, 0], expect, atol=1e-5)
 
 
+def test_image_processor_batch_equals_one_by_one():
+    cfg = get_config("tiny")
+    proc = ImageProcessor(cfg)
+    same_size = [noise_image(i, (cfg.image_size, cfg.image_size)) for i in range(3)]   # the stacked path
+    mixed = same_size + [noise_image(9, (100, 70)).convert("L")]                        # the per-image path
+    for images in (same_size, mixed):
+        assert torch.equal(proc.batch(images), torch.stack([proc(i) for i in images]))
+
+
 def test_image_processor_random_resized_crop_is_seeded():
     cfg = get_config("tiny", train_transform="random_resized_crop")
     proc = ImageProcessor(cfg, train=True)

@@ -85,3 +85,21 @@ def test_tiny_encoder_save_load_round_trip(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(enc(x), back(x))
+
+
+def test_attention_maps_use_eager_and_match_sdpa_outputs():
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    enc = VisualEncoder(cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = enc(x)                                          # SDPA
+        feats, maps = enc(x, output_attentions=True)           # eager, for the maps
+        again = enc(x)                                         # back to SDPA
+    torch.testing.assert_close(fast, feats, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast, again)
+    assert enc.qformer.config._attn_implementation == "sdpa"
+    n_cross = cfg.qformer["num_hidden_layers"] // cfg.qformer["cross_attention_frequency"]
+    assert len(maps) == n_cross
+    assert maps[0].shape == (2, cfg.qformer["num_attention_heads"], cfg.num_query_tokens, 1 + 64)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, cfg.qformer["num_attention_heads"], cfg.num_query_tokens))

@@ -71,6 +71,8 @@ def test_01_frozen_parts_metrics(ci_run):
     assert abs(m["llm_redescribe_exact"] - m["manifest_llm_redescribe_exact"]) < 0.05
     assert m["llm_redescribe_exact"] >= 0.90            # target met by the shipped LLM
     assert m["llm_redescribe_exact_target_met"] is True
+    # it answers questions about a scene in words well above chance (about 0.22 for this mix)
+    assert m["llm_answers"] > 0.35 and m["llm_answers_words"] > 0.35
     # the quality target the shipped encoder misses is recorded, not hidden
     assert m["encoder_attribute_accuracy_target_met"] == (m["encoder_attribute_accuracy"] >= 0.97)
     # the LLM cannot see: asked about an image it is not shown, it guesses
@@ -106,6 +108,8 @@ def test_04_stage2_metrics_and_same_seed_same_table(ci_run, tmp_path):
     m = table["04_stage2_finetuning"]
     assert m["loss_last"] < m["loss_first"]
     assert m["n_train_pairs"] == table["03_stage2_data"]["n_kept"]
+    # the ceiling row: the frozen LLM answers the same questions from the notes in words
+    assert 0.35 < m["vqa_ceiling_notes_in_words"] <= 1.0
     for k, v in m.items():
         if k.endswith(("failure_rate", "chair_i", "object_recall", "vqa_accuracy")):
             assert 0.0 <= v <= 1.0, k
@@ -113,7 +117,8 @@ def test_04_stage2_metrics_and_same_seed_same_table(ci_run, tmp_path):
     nb = next(p for p in NOTEBOOKS if p.stem.startswith("04"))
     series.run_notebook(nb, tmp_path, {"run_dir": str(out), **series.ci_parameters(nb)})
     again = json.loads((out / "metrics" / "04_stage2_finetuning.json").read_text())
-    table_keys = [k for k in m if k.startswith(("stage1/", "stage2/")) or k in ("loss_first", "loss_last")]
+    table_keys = [k for k in m if k.startswith(("stage1/", "stage2/"))
+                  or k in ("loss_first", "loss_last", "vqa_ceiling_notes_in_words")]
     assert len(table_keys) > 40
     assert {k: again[k] for k in table_keys} == {k: m[k] for k in table_keys}
 

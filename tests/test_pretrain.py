@@ -8,7 +8,7 @@ from minigpt4_min.config import get_config
 from minigpt4_min.model import MiniGPT4
 
 
-_ACC, _EXACT = pretrain.encoder_attribute_accuracy, pretrain.redescribe_exact
+_ACC, _EXACT, _ANSWERS = pretrain.encoder_attribute_accuracy, pretrain.redescribe_exact, pretrain.answer_accuracy
 
 
 def test_pretrain_script_few_steps(tmp_path, monkeypatch):
@@ -16,6 +16,7 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "encoder_attribute_accuracy",
                         lambda enc, head, scenes, batch=250: _ACC(enc, head, scenes[:20]))
     monkeypatch.setattr(pretrain, "redescribe_exact", lambda model, tok, scenes: _EXACT(model, tok, scenes[:4]))
+    monkeypatch.setattr(pretrain, "answer_accuracy", lambda model, tok, scenes, **kw: _ANSWERS(model, tok, scenes[:4], **kw))
     manifest = pretrain.main(["--out", str(tmp_path), "--encoder-steps", "3", "--llm-steps", "3",
                               "--encoder-continue-steps", "2", "--llm-continue-steps", "2", "--threads", "1"])
     assert set(manifest["parts"]) == {"encoder", "llm"}
@@ -24,6 +25,7 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
         assert [p["steps"] for p in phases] == [3, 2]
         assert phases[0]["init"] is None and phases[1]["init"] == str(tmp_path / part)
     assert 0.0 <= manifest["parts"]["encoder"]["attribute_accuracy_val"] <= 1.0
+    assert 0.0 <= manifest["parts"]["llm"]["answers_val"] <= 1.0
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
     assert manifest["files_bytes"]["encoder/model.safetensors"] > 0
     cfg = get_config("tiny", encoder_path=str(tmp_path / "encoder"), llm_path=str(tmp_path / "llm"))

@@ -1,4 +1,5 @@
 """Stage-1 data path: ShapesWorld shards -> the same reader as LAION -> cached frozen features."""
+import numpy as np
 import torch
 
 from minigpt4_min import shapesworld as sw
@@ -18,6 +19,20 @@ def test_shapesworld_shards_round_trip(tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in paths]
     assert stage1.write_shapesworld_shards(tmp_path, "val", 30, shard_size=12) == paths
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val-000000.tar", "val-000001.tar",
+                                                          "val-000002.tar", "val-30-64.done"]
+
+
+def test_shapesworld_shards_one_worker_equals_two(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "val-000007.tar").write_bytes(b"stale shard of an interrupted run")
+    one = stage1.write_shapesworld_shards(tmp_path / "one", "val", 25, shard_size=10, workers=1)
+    two = stage1.write_shapesworld_shards(tmp_path / "two", "val", 25, shard_size=10, workers=2)
+    assert [p.name for p in one] == [p.name for p in two] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    assert not (tmp_path / "one" / "val-000007.tar").exists()
+    a, b = list(read_shards(one)), list(read_shards(two))
+    assert [(s.key, s.meta) for s in a] == [(s.key, s.meta) for s in b]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
 
 
 def test_encode_shards_caches_and_batches(random_model, tmp_path):
