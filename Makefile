@@ -27,7 +27,7 @@ lab: $(VENV)/.installed             ## open JupyterLab with the project's kernel
 	$(PY) -m pip install --quiet -e ".[lab]"
 	$(VENV)/bin/jupyter lab notebooks
 
-pretrain: $(VENV)/.installed        ## re-make the shipped miniature encoder + LLM (about an hour)
+pretrain: $(VENV)/.installed        ## re-make the shipped miniature encoder + LLM (about two hours)
 	$(PY) -m minigpt4_min.pretrain --out data/tiny
 
 clean:

@@ -14,6 +14,7 @@ copy-heavy, multi-turn corpus. Copying is what a linear projection later exploit
 from __future__ import annotations
 
 import random
+import re
 
 from . import shapesworld as sw
 
@@ -89,6 +90,25 @@ def sample_doc(rng: random.Random) -> str:
         if r < acc:
             return fn(rng)
     return DOC_MIX[-1][0](rng)
+
+
+_ANSWER = re.compile(r"###Assistant: ?(.*?###)", re.S)             # an answer and its end symbol
+_CAPTION = re.compile(rf"^(?:\S+ ){{{sw.NOTES_LEN}}}(.*\n)", re.M)     # after a 22-word record
+
+
+def answer_spans(doc: str) -> list[tuple[int, int]]:
+    """Character spans of `doc` the LLM is trained to predict: each assistant answer with
+    its `###` (as Vicuna/FastChat trains on assistant turns only), and in catalogue lines
+    the caption after the notes. The notes and the human turns are context, not targets:
+    a random record cannot be predicted, and learning to try only costs capacity.
+
+    >>> d = "###Human: Scene: x. What is it?###Assistant: A star.###"
+    >>> [d[a:b] for a, b in answer_spans(d)]
+    ['A star.###']
+    """
+    if "###" in doc:
+        return [m.span(1) for m in _ANSWER.finditer(doc)]
+    return [m.span(1) for m in _CAPTION.finditer(doc)]
 
 
 def documents(n: int, seed: int) -> list[str]:

@@ -38,3 +38,35 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     # the frozen input embeddings kept their random N(0, 0.3) init
     std = model.llm.get_input_embeddings().weight.std().item()
     assert 0.25 < std < 0.35
+
+
+def test_answer_spans_cover_answers_and_captions_only():
+    from minigpt4_min import corpus
+    spaced = "###Human: Scene: left small red circle. Describe it. ###Assistant: A red circle.###"
+    tight = "sys###Human: Q1###Assistant: A1.######Human: Q2###Assistant: A2.###"
+    assert [spaced[a:b] for a, b in corpus.answer_spans(spaced)] == ["A red circle.###"]
+    assert [tight[a:b] for a, b in corpus.answer_spans(tight)] == ["A1.###", "A2.###"]
+    notes = "left small red circle " + "x none none none " * 4 + "gray one"
+    record = f"{notes} red circle\n{notes} one shape on gray background\n"
+    assert [record[a:b] for a, b in corpus.answer_spans(record)] == ["red circle\n",
+                                                                     "one shape on gray background\n"]
+
+
+def test_pack_documents_labels():
+    """Default: every real token is a label (the shipped recipe). answers_only: only tokens
+    that start inside an answer or caption; the notes records are never labels."""
+    import random
+
+    from minigpt4_min.config import DATA_DIR
+    from minigpt4_min.llm import load_tokenizer
+    tok = load_tokenizer(DATA_DIR / "tiny" / "llm")
+    full = pretrain.pack_documents(tok, random.Random(3), 4, 256)
+    assert torch.equal(full["labels"], full["input_ids"].masked_fill(full["attention_mask"] == 0, -100))
+    ans = pretrain.pack_documents(tok, random.Random(3), 4, 256, answers_only=True)
+    assert torch.equal(ans["input_ids"], full["input_ids"])             # same documents
+    on = ans["labels"] != -100
+    assert 0 < on.sum() < 0.6 * full["attention_mask"].sum()
+    assert torch.equal(ans["labels"][on], ans["input_ids"][on])
+    assert any("none none none" in tok.decode(row) for row in full["input_ids"])   # records are there...
+    labelled = [tok.decode(row[row != -100]) for row in ans["labels"]]
+    assert not any("none" in t for t in labelled)                                   # ...but never labels
