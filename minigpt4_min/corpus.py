@@ -97,10 +97,10 @@ _CAPTION = re.compile(rf"^(?:\S+ ){{{sw.NOTES_LEN}}}(.*\n)", re.M)     # after a
 
 
 def answer_spans(doc: str) -> list[tuple[int, int]]:
-    """Character spans of `doc` the LLM is trained to predict: each assistant answer with
-    its `###` (as Vicuna/FastChat trains on assistant turns only), and in catalogue lines
-    the caption after the notes. The notes and the human turns are context, not targets:
-    a random record cannot be predicted, and learning to try only costs capacity.
+    """Character spans of `doc` that answer: each assistant answer with its `###`, and in
+    catalogue lines the caption after the notes. With `--llm-loss answers` the pretraining
+    loss is on these alone, as Vicuna/FastChat trains on assistant turns only; the notes
+    and human turns are then context, never targets.
 
     >>> d = "###Human: Scene: x. What is it?###Assistant: A star.###"
     >>> [d[a:b] for a, b in answer_spans(d)]
