@@ -37,6 +37,7 @@ from minigpt4_min.config import DATA_DIR, STAGE1, STAGE2, ModelConfig, get_confi
 from minigpt4_min.encoder import VisualEncoder
 from minigpt4_min.llm import freeze, load_tokenizer
 from minigpt4_min.model import GenerationSettings, MiniGPT4
+from minigpt4_min.sizes import llm_kwargs
 from minigpt4_min.train import Trainer
 
 PROMPT = "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "
@@ -55,11 +56,9 @@ def shrink(cfg: ModelConfig) -> ModelConfig:
 def build(cfg: ModelConfig, device: str) -> MiniGPT4:
     """MiniGPT-4 of `cfg`'s sizes with random weights, made directly on `device`."""
     with torch.device(device):
-        enc = VisualEncoder(cfg)
-    enc.vision.to(getattr(torch, cfg.vit_dtype))
-    enc.vision.post_layernorm.float()            # as `VisualEncoder.load` does
+        enc = VisualEncoder(cfg).to_config_dtypes()
     tok = load_tokenizer(DATA_DIR / "tiny" / "llm")
-    lc = transformers.LlamaConfig(**cfg.llm, bos_token_id=tok.bos_token_id,
+    lc = transformers.LlamaConfig(**llm_kwargs(cfg), bos_token_id=tok.bos_token_id,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with torch.device(device):
         llm = transformers.LlamaForCausalLM._from_config(lc, dtype=getattr(torch, cfg.llm_dtype))

@@ -104,9 +104,14 @@ class VisualEncoder(nn.Module):
         else:
             sd = _read_blip2_hf(folder, want_qformer=cfg.qformer is not None)
         _load_strict(enc, sd, folder)
-        enc.vision.to(getattr(torch, cfg.vit_dtype))
-        enc.vision.post_layernorm.float()
-        return freeze(enc)
+        return freeze(enc.to_config_dtypes())
+
+    def to_config_dtypes(self) -> "VisualEncoder":
+        """The ViT in `cfg.vit_dtype` (fp16 at full scale, as the paper runs it), its final
+        LayerNorm and the Q-Former in fp32 (`vit` computes ln_vision in fp32)."""
+        self.vision.to(getattr(torch, self.cfg.vit_dtype))
+        self.vision.post_layernorm.float()
+        return self
 
 
 def _is_blip2_hf(folder: Path) -> bool:

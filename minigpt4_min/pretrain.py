@@ -340,8 +340,8 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
                "steps": steps, "seconds": round(seconds, 1),
                "init": str(init) if init else None,
                "tokens_seen": n_tok, "params": sum(p.numel() for p in model.parameters()),
-               "vocab_size": len(tok), "answers_only": answers_only, "train": asdict(tc)}
-    metrics["device"] = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
+               "vocab_size": len(tok), "answers_only": answers_only, "train": asdict(tc),
+               "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"}
     model.cpu().save_pretrained(str(out / "llm"))
     tok.save_pretrained(str(out / "llm"))
     record = Path(init) / "pretraining.json" if init else None
