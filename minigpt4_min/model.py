@@ -119,7 +119,7 @@ class MiniGPT4(nn.Module):
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, N, Hq) -> (B, N, D) image tokens in the LLM's embedding space (and dtype)."""
-        out = self.llama_proj(feats.to(self.llama_proj.weight.dtype))
+        out = self.llama_proj(feats.to(self.llama_proj.weight))    # cached features may sit on the CPU
         return out.to(self.llm.get_input_embeddings().weight.dtype)
 
     def embed_images(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None):

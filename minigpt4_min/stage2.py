@@ -72,6 +72,21 @@ def instruction_batches(fs: FeatureSet, batch_size: int, max_txt_len: int = 160,
                 "max_txt_len": max_txt_len, "end_sym": end_sym}
     return get_batch
 
+# Passes over the curated set in the paper's stage 2: 400 steps x batch 12 over 3,439 pairs.
+PAPER_EPOCHS = 400 * 12 / 3439
+
+
+def steps_for(n_pairs: int, batch_size: int, epochs: float = PAPER_EPOCHS, min_steps: int = 50) -> int:
+    """Stage-2 steps scaled to the set: `epochs` passes over `n_pairs` (paper: 1.4), at least
+    `min_steps`. Many more passes over a small self-generated set over-fit it: the answers
+    copy its gaps. Measured at the tiny scale (776 pairs, batch 16, 300 held-out images):
+    300 steps (6 passes) left object recall 0.62 and VQA 0.61, 68 steps (1.4 passes) 0.74
+    and 0.65, with fewer failures (1.3% vs 0.3%)."""
+    if n_pairs <= 0 or batch_size <= 0:
+        raise ValueError(f"steps_for needs n_pairs > 0 and batch_size > 0, got {n_pairs}, {batch_size}")
+    return max(min_steps, round(epochs * n_pairs / batch_size))
+
+
 # The paper's numbers that notebook 04 sets beside ours (arXiv 2304.10592 Tables 2 and 5).
 PAPER = {
     "detailed/failure_rate": {"stage 1 only": 0.35, "after stage 2": 0.02},

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from minigpt4_min import series
+from minigpt4_min import series, stage2
 
 NOTEBOOKS = series.notebooks()
 
@@ -110,6 +110,11 @@ def test_04_stage2_metrics_and_same_seed_same_table(ci_run, tmp_path):
     assert m["n_train_pairs"] == table["03_stage2_data"]["n_kept"]
     # the ceiling row: the frozen LLM answers the same questions from the notes in words
     assert 0.35 < m["vqa_ceiling_notes_in_words"] <= 1.0
+    # steps 0: scaled to the curated set (1.4 passes, at least 50)
+    assert m["steps"] == stage2.steps_for(m["n_train_pairs"], 16)
+    # the yardstick: least squares onto the notes beats the projection trained from 400 steps of captions
+    assert m["reference/detailed/attribute_accuracy"] > m["stage1/detailed/attribute_accuracy"]
+    assert m["reference/vqa_position"] > m["stage1/vqa_position"]
     for k, v in m.items():
         if k.endswith(("failure_rate", "chair_i", "object_recall", "vqa_accuracy")):
             assert 0.0 <= v <= 1.0, k
@@ -117,7 +122,7 @@ def test_04_stage2_metrics_and_same_seed_same_table(ci_run, tmp_path):
     nb = next(p for p in NOTEBOOKS if p.stem.startswith("04"))
     series.run_notebook(nb, tmp_path, {"run_dir": str(out), **series.ci_parameters(nb)})
     again = json.loads((out / "metrics" / "04_stage2_finetuning.json").read_text())
-    table_keys = [k for k in m if k.startswith(("stage1/", "stage2/"))
+    table_keys = [k for k in m if k.startswith(("stage1/", "stage2/", "reference/"))
                   or k in ("loss_first", "loss_last", "vqa_ceiling_notes_in_words")]
     assert len(table_keys) > 40
     assert {k: again[k] for k in table_keys} == {k: m[k] for k in table_keys}

@@ -1,4 +1,5 @@
 """Stage-2 data generation (describe + continue, resumable) and stage-2 batches."""
+import pytest
 import torch
 
 from minigpt4_min import shapesworld as sw
@@ -69,3 +70,14 @@ def test_export_and_instruction_batches(random_model, tmp_path):
     assert b2["prompts"] == b["prompts"] and b2["answers"] == b["answers"]     # deterministic
     loss = random_model.loss(b)
     assert torch.isfinite(loss)
+
+
+def test_steps_scaled_to_the_set():
+    assert stage2.steps_for(3439, 12) == 400                 # the paper's own stage 2
+    assert stage2.steps_for(776, 16) == round(stage2.PAPER_EPOCHS * 776 / 16)
+    assert stage2.steps_for(3439 * 2, 12) == 800             # twice the pairs, twice the steps
+    assert stage2.steps_for(10, 16) == 50                    # a tiny set still gets a minimum
+    assert stage2.steps_for(10, 16, min_steps=1) == 1
+    for bad in ((0, 16), (100, 0)):
+        with pytest.raises(ValueError, match="n_pairs > 0"):
+            stage2.steps_for(*bad)
