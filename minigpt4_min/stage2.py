@@ -80,8 +80,8 @@ def steps_for(n_pairs: int, batch_size: int, epochs: float = PAPER_EPOCHS, min_s
     """Stage-2 steps scaled to the set: `epochs` passes over `n_pairs` (paper: 1.4), at least
     `min_steps`. Many more passes over a small self-generated set over-fit it: the answers
     copy its gaps. Measured at the tiny scale (776 pairs, batch 16, 300 held-out images):
-    300 steps (6 passes) left object recall 0.62 and VQA 0.61, 68 steps (1.4 passes) 0.74
-    and 0.65, with fewer failures (1.3% vs 0.3%)."""
+    300 steps (6 passes) gave object recall 0.62, VQA 0.61 and 1.3% failures; 68 steps
+    (1.4 passes) 0.74, 0.65 and 0.3%."""
     if n_pairs <= 0 or batch_size <= 0:
         raise ValueError(f"steps_for needs n_pairs > 0 and batch_size > 0, got {n_pairs}, {batch_size}")
     return max(min_steps, round(epochs * n_pairs / batch_size))
