@@ -4,6 +4,7 @@ import torch
 
 from minigpt4_min import shapesworld as sw
 from minigpt4_min import stage1, stage2, stage2_data
+from minigpt4_min.config import STAGE2
 from minigpt4_min.data import read_cc_sbu_align
 from minigpt4_min.model import GenerationSettings
 
@@ -74,6 +75,7 @@ def test_export_and_instruction_batches(random_model, tmp_path):
 
 def test_steps_scaled_to_the_set():
     assert stage2.steps_for(3439, 12) == 400                 # the paper's own stage 2
+    assert STAGE2["full"].max_steps == stage2.steps_for(3439, STAGE2["full"].batch_size)   # presets agree
     assert stage2.steps_for(776, 16) == round(stage2.PAPER_EPOCHS * 776 / 16)
     assert stage2.steps_for(3439 * 2, 12) == 800             # twice the pairs, twice the steps
     assert stage2.steps_for(10, 16) == 50                    # a tiny set still gets a minimum
