@@ -3,6 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 OUT    ?= runs/series
+# extra options for `make lab`, e.g. make lab LAB_ARGS="--no-browser --port 8899"
+LAB_ARGS ?=
+# containers and classroom images run as root, which Jupyter refuses without this flag
+AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: series series-ci test lab pretrain clean
 
@@ -20,12 +24,15 @@ series: $(VENV)/.installed          ## run notebooks 00.. end-to-end (papermill)
 series-ci: $(VENV)/.installed       ## the same with the small CI parameters
 	$(PY) -m minigpt4_min series --out runs/ci --ci
 
-test: $(VENV)/.installed            ## unit tests + papermill runs of every notebook at CI parameters
+test: $(VENV)/.installed $(VENV)/.lab-installed   ## unit tests + papermill runs of every notebook at CI parameters + `make lab` answers
 	$(PY) -m pytest -q
 
-lab: $(VENV)/.installed             ## open JupyterLab with the project's kernel
-	$(PY) -m pip install --quiet -e ".[lab]"
-	$(VENV)/bin/jupyter lab notebooks
+$(VENV)/.lab-installed: $(VENV)/.installed pyproject.toml   # JupyterLab, once: the lab extra of the installed project
+	$(PY) -m pip install --quiet "minigpt4-min[lab]"
+	touch $@
+
+lab: $(VENV)/.lab-installed         ## open JupyterLab on notebooks/ with the project's kernel (options: LAB_ARGS="...")
+	$(VENV)/bin/jupyter-lab --notebook-dir=notebooks $(AS_ROOT) $(LAB_ARGS)
 
 pretrain: $(VENV)/.installed        ## re-make the shipped miniature encoder + LLM (about two hours)
 	$(PY) -m minigpt4_min.pretrain --out data/tiny

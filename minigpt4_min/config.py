@@ -42,7 +42,7 @@ class ModelConfig:
     end_sym: str = "###"
     max_txt_len_stage1: int = 32
     max_txt_len_stage2: int = 160
-    context_len: int = 2000           # chat context (prompt + answer); tiny LLM: 256-token blocks
+    context_len: int = 2000           # chat context (prompt + answer); tiny LLM: 512-token blocks
     train_transform: str = "resize"   # "random_resized_crop" at full scale
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
@@ -104,13 +104,13 @@ TINY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
 TINY_QFORMER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                     intermediate_size=512, cross_attention_frequency=2,
                     encoder_hidden_size=128, vocab_size=2)
-TINY_LLM = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                num_attention_heads=6, max_position_embeddings=512)  # vocab from tokenizer
+TINY_LLM = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                num_attention_heads=8, max_position_embeddings=512)  # vocab from tokenizer
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", 64, TINY_VISION, TINY_QFORMER, 24, TINY_LLM,
                         encoder_path=str(DATA_DIR / "tiny" / "encoder"),
-                        llm_path=str(DATA_DIR / "tiny" / "llm"), context_len=256),
+                        llm_path=str(DATA_DIR / "tiny" / "llm"), context_len=512),
     "vicuna7b": ModelConfig("vicuna7b", 224, EVA_VIT_G, BLIP2_QFORMER, 32, VICUNA_7B,
                             encoder_path="Salesforce/blip2-flan-t5-xxl", llm_path="vicuna-7b",
                             vit_dtype="float16", llm_dtype="float16",

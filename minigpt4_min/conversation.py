@@ -16,9 +16,11 @@ go in between, in upload order:
 
     [BOS] seg_0 [image_1] seg_1 ... [image_k] seg_k     -> inputs_embeds (1, T, D)
 
-If T > max_length - max_new_tokens, the oldest positions are cut from the left (with a
-warning), as the demo does. Answers are cut at the template's stop strings and at
-`Assistant:`, and can be streamed piece by piece.
+If T > max_length - max_new_tokens, the oldest positions are cut from the left, as the
+demo does, with a warning that says in plain words what the model no longer sees. Answers
+are cut at the template's stop strings and at `Assistant:`, and can be streamed piece by
+piece. A front end (the terminal chat, the notebook widget) shows such warnings apart from
+the answer with `Notices`, and says when the projection is random (`start_notices`).
 
     >>> chat = Chat(MiniGPT4.from_config(get_config("tiny"), projection="stage2.safetensors"))
     >>> chat.upload_img("cat.png"); chat.ask("What is this?"); print(chat.answer())
@@ -30,7 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event, Thread
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -45,6 +47,10 @@ SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able t
           "image once I provide it to you. Please answer my questions.")
 ANSWER_CUTS = ("Assistant:",)                        # the demo also cuts answers here
 DEFAULT_MAX_NEW_TOKENS = {"tiny": 120}               # else the paper's 300 (GenerationSettings)
+NO_PROJECTION = ("no trained projection was given (--checkpoint, or projection= / load_projection): "
+                 "llama_proj is random, so the answers will not be about the image; train one with "
+                 "notebooks 02 and 04 (stage 1, stage 2), which write runs/latest/stage2/last "
+                 "(`make series`: runs/series/stage2/last)")
 
 
 @dataclass
@@ -92,6 +98,64 @@ def get_template(name: str) -> Conversation:
 def default_settings(model: MiniGPT4) -> GenerationSettings:
     """The demo's decoding defaults, with a max_new_tokens that fits the model's context."""
     return GenerationSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS.get(model.cfg.name, 300))
+
+
+# =============================================================== for people: history, notices
+def render_messages(conv: Conversation, image: Callable[[int], str],
+                    text: Callable[[str], str] = lambda t: t) -> list[tuple[str, str | None]]:
+    """The history as a person reads it: (who, body) per message, who "Human" or
+    "Assistant". Each image message becomes `image(k)` (k counts the images in upload
+    order), the rest of the text goes through `text` (e.g. html.escape); the pending
+    answer's body is None."""
+    rows, k = [], 0
+    for role, body in conv.messages:
+        if body is not None:
+            parts = body.split(IMAGE_MESSAGE)
+            body = text(parts[0]) + "".join(image(k + i) + text(p) for i, p in enumerate(parts[1:]))
+            k += len(parts) - 1
+        rows.append(("Human" if role == conv.roles[0] else "Assistant", body))
+    return rows
+
+
+def start_notices(model: MiniGPT4) -> list[str]:
+    """What a chat should say before it starts: that llama_proj is random, if no trained
+    projection was loaded (`MiniGPT4.projection_source` is None)."""
+    return [NO_PROJECTION] if model.projection_source is None else []
+
+
+class Notices:
+    """Catches the warnings raised inside a `with` block (e.g. the history cut of
+    `Chat.context`, raised when an answer starts), so that a front end can show them apart
+    from the answer instead of letting them print into it:
+
+        with Notices() as notes:
+            pieces = chat.stream_answer()     # the prompt is built (and cut) here
+            show(notes.take())                # before the answer
+            ...                               # stream the answer
+            show(notes.take())                # anything raised while generating
+    """
+
+    def __enter__(self) -> "Notices":
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        self._seen: set[str] = set()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._catch.__exit__(*exc)
+
+    def take(self) -> list[str]:
+        """The texts of the warnings caught since the last take, each text once per block."""
+        new = [str(w.message) for w in self._caught]
+        self._caught.clear()
+        out = [t for t in dict.fromkeys(new) if t not in self._seen]
+        self._seen.update(out)
+        return out
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 # =============================================================== prompt -> embeddings
@@ -177,12 +241,18 @@ class Chat:
         self.max_length = max_length or min(2000, model.cfg.context_len)
         self.processor = ImageProcessor(model.cfg, train=False)
         self.images: list[torch.Tensor] = []                 # each (N, D), in upload order
+        self._room(self.settings.max_new_tokens)            # fail now, not at the first answer
 
     # ------------------------------------------------------------- history
     def reset(self) -> None:
         """Forget the conversation and its images."""
         self.conv = get_template(self.template)
         self.images = []
+
+    def _drop_pending(self) -> None:
+        """Forget a pending answer that was never generated (a stream that was never read)."""
+        if self.conv.messages and self.conv.messages[-1][1] is None:
+            self.conv.messages.pop()
 
     @torch.no_grad()
     def upload_img(self, image: str | Path | Image.Image | np.ndarray) -> str:
@@ -194,6 +264,7 @@ class Chat:
         name = str(image) if isinstance(image, (str, Path)) else None
         pixels = self.processor(load_image(image, name=name))                 # (3, S, S)
         emb = self.model.embed_images(pixels[None].to(self.model.device))[0]   # (N, D)
+        self._drop_pending()
         self.images.append(emb)
         self.conv.append_message(self.conv.roles[0], IMAGE_MESSAGE)
         return "Received."
@@ -202,6 +273,7 @@ class Chat:
         """Add a question; right after an upload it joins the image's message."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a question must be a non-empty string, got {text!r}")
+        self._drop_pending()
         msgs = self.conv.messages
         if msgs and msgs[-1][0] == self.conv.roles[0] and msgs[-1][1].endswith("</Img>"):
             msgs[-1][1] = msgs[-1][1] + " " + text
@@ -211,21 +283,56 @@ class Chat:
     # ------------------------------------------------------------- generation inputs
     def context(self, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs_embeds (1, T, D) and attention_mask (1, T) of the current prompt, cut
-        from the left to `max_length - max_new_tokens` positions."""
-        keep = self.max_length - max_new_tokens
-        if keep <= 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt "
-                             f"in max_length={self.max_length}")
-        emb, _ = embed_prompt(self.model, self.conv.get_prompt(), self.images)  # (T, D)
+        from the left to `max_length - max_new_tokens` positions (with a warning that says
+        what the model no longer sees)."""
+        keep = self._room(max_new_tokens)
+        emb, spans = embed_prompt(self.model, self.conv.get_prompt(), self.images)  # (T, D)
         if len(emb) > keep:
             warnings.warn(f"the conversation is {len(emb)} positions long, more than max_length "
                           f"{self.max_length} - max_new_tokens {max_new_tokens} = {keep}: its first "
-                          f"{len(emb) - keep} positions are cut and the model will not see them",
-                          stacklevel=4)
+                          f"{len(emb) - keep} positions are cut, so the model no longer sees "
+                          f"{self._lost(len(emb) - keep, spans)}", stacklevel=4)
             emb = emb[-keep:]
         return emb[None], torch.ones(1, len(emb), dtype=torch.long, device=emb.device)
 
+    def _room(self, max_new_tokens: int) -> int:
+        """How many prompt positions fit next to `max_new_tokens` new ones (at least 1)."""
+        if max_new_tokens >= self.max_length:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt "
+                             f"in max_length={self.max_length}")
+        return self.max_length - max_new_tokens
+
+    def _length(self, prompt: str) -> int:
+        """Positions of `prompt` as embed_prompt builds it: BOS, its text, its images."""
+        segments = prompt.split(IMAGE_PLACEHOLDER)
+        return (1 + sum(len(self.model.tokenize(seg)) for seg in segments)
+                + sum(len(e) for e in self.images[: len(segments) - 1]))
+
+    def _lost(self, cut: int, spans: list[tuple[int, int]]) -> str:
+        """What the first `cut` positions hold, in words: the system prompt, the images and
+        about how many turns (each prefix of the prompt measured on its own: roughly)."""
+        conv, human = self.conv.copy(), self.conv.roles[0]
+        starts = []                                        # where each Human message starts
+        for i, (role, _) in enumerate(self.conv.messages):
+            conv.messages = self.conv.messages[:i]
+            if role == human:
+                starts.append(self._length(conv.get_prompt()))
+        turns, images = sum(s < cut for s in starts), sum(s < cut for s, _ in spans)
+        lost = ["the system prompt" if turns else "the start of the system prompt"]
+        if images:
+            n = len(spans)
+            lost.append(f"{images} of the {n} images" if images < n else
+                        {1: "the image", 2: "both images"}.get(n, f"all {n} images"))
+        if turns and turns == len(starts):
+            lost.append("every earlier turn, even the start of this question" if turns > 1
+                        else "the start of this question")
+        elif turns:
+            first = "the first" if turns == 1 else f"the first {turns}"
+            lost.append(f"all or part of {first} of {len(starts)} turns")
+        return _join(lost)
+
     def _generate_kwargs(self, s: GenerationSettings, **extra) -> dict:
+        self._drop_pending()
         msgs = self.conv.messages
         if not msgs or msgs[-1][0] != self.conv.roles[0]:
             raise ValueError("nothing to answer: upload an image or ask a question first")
@@ -250,11 +357,13 @@ class Chat:
         return tuple(self.conv.stop) + ANSWER_CUTS
 
     # ------------------------------------------------------------- answering
-    @torch.no_grad()
     def answer(self, settings: GenerationSettings | None = None, **generate_kwargs) -> str:
         """Generate the Assistant's answer to the conversation so far and record it.
         Extra keyword arguments go to transformers' `generate` (e.g. logits_processor)."""
-        kw = self._generate_kwargs(settings or self.settings, **generate_kwargs)
+        return self._answer(self._generate_kwargs(settings or self.settings, **generate_kwargs))
+
+    @torch.no_grad()
+    def _answer(self, kw: dict) -> str:
         try:
             out = self.model.llm.generate(**kw)                       # (1, new) new tokens only
         except Exception:
@@ -266,16 +375,21 @@ class Chat:
 
     def stream_answer(self, settings: GenerationSettings | None = None,
                       **generate_kwargs) -> Iterator[str]:
-        """Like `answer`, but yields the answer's text piece by piece as it is generated
-        (the pieces join to what `answer` returns). Beam search cannot stream: with
-        num_beams > 1 the whole answer comes as one piece."""
+        """Like `answer`, but returns an iterator over the answer's text, piece by piece as
+        it is generated (the pieces join to what `answer` returns). The prompt is built at
+        the call, before the first piece: "nothing to answer" is raised and a cut is warned
+        right away, so a caller can show them before the answer. Beam search cannot
+        stream: with num_beams > 1 the whole answer comes as one piece."""
         s = settings or self.settings
-        if s.num_beams > 1:
-            yield self.answer(s, **generate_kwargs)
-            return
+        kw = self._generate_kwargs(s, **generate_kwargs)
+        return self._one_piece(kw) if s.num_beams > 1 else self._stream(kw)
+
+    def _one_piece(self, kw: dict) -> Iterator[str]:
+        yield self._answer(kw)
+
+    def _stream(self, kw: dict) -> Iterator[str]:
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel, errors = Event(), []
-        kw = self._generate_kwargs(s, **generate_kwargs)
         kw["streamer"] = streamer
         kw["stopping_criteria"] = StoppingCriteriaList([_Cancel(cancel), *kw.get("stopping_criteria", [])])
 

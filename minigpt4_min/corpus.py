@@ -1,11 +1,24 @@
 """The miniature LLM's text-only pretraining corpus: a "Vicuna" of ShapesWorld.
 
 MiniGPT-4 (arXiv 2304.10592 §3) freezes an LLM that learned language from text alone;
-its emergent skills (poems, ads, stories about an image, §4) come from that text. Our
-miniature LLM likewise never sees an image. It reads scenes *in words* — the 14-word
-`shapesworld.notes` record — and learns to copy them into descriptions and answers, to
-write captions after them, and to write poems, stories and ads, in the Vicuna v0 chat
-format `###Human: ... ###Assistant: ...###`.
+its emergent skills (poems, ads, stories about an image, §4) and its way of understanding
+a question however it is asked come from that text. Our miniature LLM likewise never
+sees an image. It reads scenes *in words* — the 22-word `shapesworld.notes` record,
+framed in many ways — and chats about them in the Vicuna v0 format
+`###Human: ... ###Assistant: ...###`:
+
+* questions of every kind in many wordings (`wordings.CORPUS`, with polite openings,
+  lower case, no question mark, a few typos), yes / no questions with balanced answers,
+  questions about absent objects answered plainly ("There is no square."),
+* follow-ups that refer to the previous turn ("and the square?", "where is it?"),
+  several turns per document, long enough for a 5-turn chat,
+* requests to describe, caption, write a poem / story / ad, and questions outside the
+  world answered briefly and honestly;
+* catalogue lines (`notes caption`), the one place where alt-text captions appear.
+
+It never contains `<Img>`, `<ImageHere>`, `ImageContent` or the demo's system prompt
+(Vicuna never saw them; the image framing must stay new to the LLM), nor any held-out
+wording (`wordings.HELDOUT`): tests check both.
 
 Design note (DESIGN.md §5): a templated corpus makes colour / shape words interchangeable
 and their embeddings collapse; the fix is frozen random input embeddings plus a
@@ -17,14 +30,51 @@ import random
 import re
 
 from . import shapesworld as sw
+from . import wordings as wd
 
 SYSTEMS = ("A chat between a curious human and an artificial intelligence assistant. "
            "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-           "Give helpful answers about shapes.")
-INTROS = ("Scene: ", "Notes: ", "Here is a scene: ", "", "Look at this: ")
+           "Give helpful answers about shapes.",
+           "You are a helpful assistant. Answer questions about the scene you are shown.",
+           "The assistant looks at a picture of shapes and answers the user's questions about it.",
+           "Below is a scene. Answer each question truthfully and briefly.")
+# how a scene's notes are framed in the first message (never `<Img>`: that stays new)
+FRAMES = ("Scene: {}.", "Notes: {}.", "Here is a scene: {}.", "{}.", "Look at this: {}.", "{}",
+          "<scene>{}</scene>", "<pic>{} </pic>", "[{}]", "({})", "Picture: {}.", "<Scene> {} </Scene>",
+          "Photo: {}", "<view>{}</view>", "<s1>{} </s1>", "Image notes: {}.")
 DESCRIBE = ("Describe the scene.", "Describe it in detail.", "What do you see?",
-            "Describe everything you see.", "Tell me what is in the scene.",
-            "Describe this.", "What is in it?")
+            "Describe everything you see.", "Tell me what is in the scene.", "Describe this.",
+            "What is in it?", "What is in this picture?", "Describe the image in detail.",
+            "What is this?", "Can you describe the picture?", "Tell me about this photo.",
+            "Give a detailed description of the scene.", "What does the image show?",
+            "Please describe what you notice.", "Explain what you see here.")
+CAPTION = ("Write a short caption for it.", "Caption this image.", "Give it a title.",
+           "A short caption, please.", "Write a caption.", "Sum it up in a few words.")
+OUT_OF_WORLD = (
+    ("What is the capital of France?", "I only know about the shapes in this scene, so I cannot say."),
+    ("Who are you?", "I am an assistant that talks about shapes and colours."),
+    ("What time is it?", "I cannot tell the time. I can tell you about the shapes."),
+    ("Can you help me with my homework?", "I can only help with questions about the shapes I see."),
+    ("What is the weather like today?", "I do not know the weather. I only see shapes."),
+    ("Is the circle happy?", "Shapes have no feelings, so I cannot say."),
+    ("Thank you!", "You are welcome!"),
+    ("Hello!", "Hello! Ask me anything about the shapes."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("Tell me a joke.", "Why did the circle win? Because it had no corners to hide in."),
+    ("What is your name?", "I am a small assistant for the world of shapes."),
+    ("What is the meaning of life?", "I do not know. I only know about shapes and colours."),
+)
+FOLLOW_SAME = ("And the {s}?", "What about the {s}?", "and the {s}", "How about the {s}?", "The {s}?",
+               "And what about the {s}?")
+FOLLOW_ATTR = {
+    "colour": ("And its colour?", "What color is it?", "What about its color?", "and what colour is it",
+               "Which colour is it?"),
+    "size": ("What about its size?", "How big is it?", "And its size?", "Is it large or small?",
+             "is it big"),
+    "position": ("Where is it?", "And where is it?", "Where is it located?", "What about its position?",
+                 "where is it"),
+}
+FORBIDDEN = ("<Img>", "<ImageHere>", "ImageContent", "Give the following image")
 
 
 def chat(turns: list[tuple[str, str]], rng: random.Random) -> str:
@@ -34,10 +84,17 @@ def chat(turns: list[tuple[str, str]], rng: random.Random) -> str:
     the corpus holds both so the frozen LLM accepts either.
     """
     spaced = rng.random() < 0.5
-    out = rng.choice(SYSTEMS) if rng.random() < 0.25 else ""
+    out = rng.choice(SYSTEMS) if rng.random() < 0.3 else ""
     for h, a in turns:
         out += f"###Human: {h} ###Assistant: {a}###" if spaced else f"###Human: {h}###Assistant: {a}###"
     return out
+
+
+def clean_caption(scene: sw.Scene, rng: random.Random) -> str:
+    """A short caption WITHOUT filler: what a chat assistant says when asked for one."""
+    objs = [f"a {o.phrase()}" for o in scene.objects]
+    names = objs[0] if len(objs) == 1 else ", ".join(objs[:-1]) + " and " + objs[-1]
+    return sw._cap(names) + rng.choice((f" on a {scene.background} background.", "."))
 
 
 def record_doc(rng: random.Random) -> str:
@@ -49,38 +106,90 @@ def record_doc(rng: random.Random) -> str:
     return "".join(lines)
 
 
-def describe_doc(rng: random.Random) -> str:
-    s = sw.sample_scene(rng)
-    turns = [(f"{rng.choice(INTROS)}{sw.notes(s)}. {rng.choice(DESCRIBE)}", sw.describe(s, rng))]
-    if rng.random() < 0.5:
-        turns += sw.qa_pairs(s, rng)[: rng.randint(1, 3)]
-    return chat(turns, rng)
+def _question(scene: sw.Scene, rng: random.Random) -> wd.Asked:
+    kind = rng.choices(wd.KINDS, weights=(3, 2, 3, 2, 2, 2, 4, 2))[0]
+    q = wd.ask(scene, kind, rng, "corpus")
+    return q if q is not None else wd.ask(scene, "count", rng, "corpus")
 
 
-def qa_doc(rng: random.Random) -> str:
+def _attr_of(q: wd.Asked) -> str | None:
+    if q.kind in ("colour", "size", "position"):
+        return q.kind
+    if q.kind == "absent":
+        t = wd.normalize(q.text)
+        return "colour" if "color" in t else "size" if any(w in t for w in ("size", "big", "large")) else "position"
+    return None
+
+
+def _follow_up(scene: sw.Scene, last: wd.Asked, rng: random.Random) -> wd.Asked | None:
+    """A question that refers to the previous turn: same attribute of another shape, or
+    another attribute of the same object ("it")."""
+    attr = _attr_of(last)
+    if attr is None or not last.shape:
+        return None
+    present = last.shape in scene.shapes and sum(o.shape == last.shape for o in scene.objects) == 1
+    if rng.random() < 0.5 or not present:
+        others = [s for s in sw.SHAPES if s != last.shape
+                  and sum(o.shape == s for o in scene.objects) <= 1]
+        s = rng.choice(others)
+        q = wd.attribute_question(scene, attr, s, "{s}", rng)
+        return wd.Asked(rng.choice(FOLLOW_SAME).format(s=s), q.answer, q.kind, q.value, s)
+    new = rng.choice([a for a in FOLLOW_ATTR if a != attr])
+    q = wd.attribute_question(scene, new, last.shape, "{s}", rng)
+    return wd.Asked(rng.choice(FOLLOW_ATTR[new]), q.answer, q.kind, q.value, last.shape)
+
+
+def _turn(scene: sw.Scene, rng: random.Random, last: wd.Asked | None) -> tuple[tuple[str, str], wd.Asked | None]:
+    r = rng.random()
+    if last is not None and r < 0.25:
+        f = _follow_up(scene, last, rng)
+        if f is not None:
+            return (wd.vary(f.text, rng, polite=False), f.answer), f
+    if r < 0.72:
+        q = _question(scene, rng)
+        return (wd.vary(q.text, rng), q.answer), q
+    if r < 0.82:
+        return (wd.vary(rng.choice(DESCRIBE), rng), sw.describe(scene, rng)), None
+    if r < 0.86:
+        return (wd.vary(rng.choice(CAPTION), rng), clean_caption(scene, rng)), None
+    if r < 0.96:
+        skill = rng.choice(list(sw.SKILLS))
+        objs = list(scene.objects)
+        rng.shuffle(objs)
+        return (wd.vary(rng.choice(sw.SKILL_REQUESTS[skill]), rng), sw.SKILLS[skill](objs, scene.background, rng)), None
+    return rng.choice(OUT_OF_WORLD), None
+
+
+def chat_doc(rng: random.Random) -> str:
+    """A conversation about one scene given in words: 1-8 turns of questions, follow-ups,
+    descriptions, captions, skills and the odd question from outside the world."""
     s = sw.sample_scene(rng)
-    qa = sw.qa_pairs(s, rng)
-    first_q, first_a = qa[0]
-    turns = [(f"{rng.choice(INTROS)}{sw.notes(s)}. {first_q}", first_a)] + qa[1:]
+    n = rng.choice((1, 2, 3, 4, 5, 5, 6, 7, 8))
+    turns, last = [], None
+    for _ in range(n):
+        (h, a), last = _turn(s, rng, last)
+        turns.append((h, a))
+    h0 = rng.choice(FRAMES).format(sw.notes(s))
+    turns[0] = (f"{h0} {turns[0][0]}", turns[0][1])
     return chat(turns, rng)
 
 
 def skill_doc(rng: random.Random) -> str:
-    """A poem / story / ad about a scene given as notes, or about objects named in words."""
+    """A poem / story / ad about objects named in words (no scene)."""
     s = sw.sample_scene(rng)
     skill = rng.choice(list(sw.SKILLS))
-    objs = list(s.objects)
-    rng.shuffle(objs)
-    if rng.random() < 0.6:
-        h = f"{rng.choice(INTROS)}{sw.notes(s)}. {rng.choice(sw.SKILL_REQUESTS[skill])}"
-        return chat([(h, sw.SKILLS[skill](objs, s.background, rng))], rng)
-    o = objs[0]
+    o = s.objects[0]
     what = {"poem": "Write a poem about", "story": "Tell me a story about",
             "ad": "Write an ad for"}[skill]
     return chat([(f"{what} a {o.size} {o.colour} {o.shape}.", sw.SKILLS[skill]([o], None, rng))], rng)
 
 
-DOC_MIX = ((record_doc, 0.15), (describe_doc, 0.35), (qa_doc, 0.30), (skill_doc, 0.20))
+def small_talk_doc(rng: random.Random) -> str:
+    """Questions outside the world, with no scene: brief, honest answers."""
+    return chat(rng.sample(OUT_OF_WORLD, rng.randint(1, 3)), rng)
+
+
+DOC_MIX = ((record_doc, 0.12), (chat_doc, 0.78), (skill_doc, 0.06), (small_talk_doc, 0.04))
 
 
 def sample_doc(rng: random.Random) -> str:
@@ -88,8 +197,11 @@ def sample_doc(rng: random.Random) -> str:
     for fn, w in DOC_MIX:
         acc += w
         if r < acc:
-            return fn(rng)
-    return DOC_MIX[-1][0](rng)
+            break
+    doc = fn(rng)
+    if wd.uses_heldout(doc) or any(f in doc for f in FORBIDDEN):  # never, by construction; a guard
+        return sample_doc(rng)
+    return doc
 
 
 _ANSWER = re.compile(r"###Assistant: ?(.*?###)", re.S)             # an answer and its end symbol

@@ -4,7 +4,8 @@ Paper §3 / DESIGN.md §2: stage-1 images are `RandomResizedCrop(224, scale=(0.5
 bicubic)` for training and a plain resize for evaluation, normalized with the CLIP
 mean / std. Stage-1 data are webdataset shards (`KEY.jpg` + `KEY.json` with a
 "caption", as written by img2dataset); the same reader reads ShapesWorld shards and
-real LAION / CC / SBU shards. Bad samples are skipped and *counted*, never silently.
+real LAION / CC / SBU shards. Bad samples are skipped and *counted*, never silently, and so
+are empty shards; every shard file is closed as soon as it has been read.
 """
 from __future__ import annotations
 
@@ -140,6 +141,10 @@ class BadSampleWarning(UserWarning):
     """Emitted once per shard sample that `read_shards` skips."""
 
 
+class EmptyShardWarning(UserWarning):
+    """Emitted once per shard that `read_shards` finds without a single sample."""
+
+
 @dataclass
 class Sample:
     """One decoded shard sample: its key, an RGB image, the json metadata and the shard url."""
@@ -155,10 +160,12 @@ class Sample:
 
 @dataclass
 class ShardStats:
-    """What `read_shards` did: samples yielded, samples skipped and why (url, key, problem)."""
+    """What `read_shards` did: samples yielded, samples skipped and why (url, key, problem),
+    and the urls of shards that held no sample at all."""
     ok: int = 0
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)
+    empty_shards: list[str] = field(default_factory=list)
 
     def skip(self, reason: str) -> None:
         """Count one skipped sample and warn about it (never skip silently)."""
@@ -166,8 +173,14 @@ class ShardStats:
         self.reasons.append(reason)
         warnings.warn(reason, BadSampleWarning, stacklevel=3)
 
+    def empty(self, url: str) -> None:
+        """Count one shard without samples and warn about it, naming the file."""
+        self.empty_shards.append(url)
+        warnings.warn(f"{url}: empty shard, no samples", EmptyShardWarning, stacklevel=3)
+
     def __str__(self) -> str:
-        return f"{self.ok} samples read, {self.skipped} skipped"
+        empty = f", {len(self.empty_shards)} empty shard(s)" if self.empty_shards else ""
+        return f"{self.ok} samples read, {self.skipped} skipped{empty}"
 
 
 def _check_key(key: str) -> str:
@@ -316,27 +329,47 @@ def read_shards(urls, stats: ShardStats | None = None, *,
     `urls`: a directory (its `*.tar`, sorted), a brace pattern (`data/s-{000..009}.tar`) or
     a list of paths; missing local shards raise `FileNotFoundError` here, before iterating.
     A bad sample (unreadable image, no image, no / invalid json, no string caption) is
-    skipped, counted in `stats` with its url and key, and warned about (`BadSampleWarning`).
-    With `split_by_node`, each distributed rank reads its own subset of the shards.
+    skipped, counted in `stats` with its url and key, and warned about (`BadSampleWarning`);
+    a shard without samples (an empty file, or a tar with none) is counted in
+    `stats.empty_shards` and warned about (`EmptyShardWarning`). Each shard's file is
+    closed when it has been read, or when the caller stops early (`close()`, or the
+    iterator is collected). With `split_by_node`, each distributed rank reads its own
+    subset of the shards.
     """
     found = shard_urls(urls)
     return _iter_samples(found, stats if stats is not None else ShardStats(), split_by_node)
+
+
+def _raw_samples(url: str) -> Iterator[dict]:
+    """The raw samples (bytes per extension, `__key__`, `__url__`) of one shard, read with
+    webdataset's tar reader from a stream this function opens and always closes (webdataset's
+    own pipeline leaves it to the garbage collector: ResourceWarning "unclosed file")."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    if not _is_remote(url) and Path(url).stat().st_size == 0:
+        return                                 # tarfile refuses an empty stream; no samples
+    with wds.gopen(url, "rb") as stream:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], eof_value=None))
 
 
 def _iter_samples(urls: list[str], stats: ShardStats, split_by_node: bool) -> Iterator[Sample]:
     import webdataset as wds
 
     nodesplitter = wds.split_by_node if split_by_node else wds.single_node_only
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False,
-                             nodesplitter=nodesplitter)
-    for raw in dataset:
-        try:
-            sample = _decode_sample(raw)
-        except ValueError as e:            # BadImageError is a ValueError too
-            stats.skip(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')!r} skipped: {e}")
-            continue
-        stats.ok += 1
-        yield sample
+    for url in nodesplitter(urls):
+        n = 0
+        for raw in _raw_samples(url):
+            n += 1
+            try:
+                sample = _decode_sample(raw)
+            except ValueError as e:            # BadImageError is a ValueError too
+                stats.skip(f"{url}: sample {raw.get('__key__')!r} skipped: {e}")
+                continue
+            stats.ok += 1
+            yield sample
+        if n == 0:
+            stats.empty(url)
 
 
 # =============================================================== cc_sbu_align folders

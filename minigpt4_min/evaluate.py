@@ -286,3 +286,73 @@ def evaluate_model(model, fs, prompts: dict[str, str], template: str = "###Human
         answers["vqa"] = [f"{q.text} -> {a}" for (_, q), a in zip(qs, out)]
         metrics.update(vqa_accuracy(out, [q for _, q in qs]))
     return metrics, answers
+
+
+# ------------------------------------------------------------------ questions in a learner's words
+_NEGATION = re.compile(r"\b(no|not|nothing|isn't|aren't)\b")
+
+
+def asked_correct(answer: str, q) -> bool:
+    """Grade an answer to a `wordings.Asked` question by its kind: the value kinds as
+    `vqa_correct` (the true value and no other of that kind); yes / no by the first word;
+    an absent object by a plain negation that states no colour, size or place; what is at
+    a place by the shapes named (or 'nothing')."""
+    t = answer.lower()
+    words = _WORD.findall(t)
+    if q.kind in ("colour", "position", "count"):
+        return _values(answer, q.kind) == {q.value}
+    if q.kind == "size":
+        return set(words) & set(sw.SIZES) == {q.value}
+    if q.kind == "background":
+        return set(words) & set(sw.BACKGROUNDS) == {q.value}
+    if q.kind == "yesno":
+        return bool(words) and words[0] == q.value
+    if q.kind == "absent":
+        stated = set(words) & (set(sw.COLOURS) | set(sw.SIZES)) or _values(answer, "position")
+        return bool(_NEGATION.search(t)) and q.shape in words and not stated
+    if q.kind == "what_where":
+        shapes = set(words) & set(sw.SHAPES)
+        if q.value == "nothing":
+            return not shapes and bool(_NEGATION.search(t))
+        return shapes == {q.value}
+    raise ValueError(f"unknown question kind {q.kind!r}")
+
+
+def accuracy_by_kind(answers: list[str], asked: list) -> dict[str, float]:
+    """Overall and per-kind accuracy of `answers[i]` to the `wordings.Asked` `asked[i]`."""
+    if len(answers) != len(asked):
+        raise ValueError(f"{len(answers)} answers but {len(asked)} questions")
+    per: dict[str, list[bool]] = {}
+    for a, q in zip(answers, asked):
+        per.setdefault(q.kind, []).append(asked_correct(a, q))
+    allv = [v for vs in per.values() for v in vs]
+    return {"all": sum(allv) / max(len(allv), 1), **{k: sum(v) / len(v) for k, v in sorted(per.items())}}
+
+
+_NOTES_RUN = re.compile(r"\bnone none\b|\b(?:%s) (?:%s) (?:%s) (?:%s)\b" % (
+    "|".join(sw.POSITIONS), "|".join(sw.SIZES), "|".join(sw.COLOURS), "|".join(sw.SHAPES)))
+_FILLER = re.compile(r"\b(?:%s)\b" % "|".join(re.escape(f) for f in sw.FILLERS if f != "photo" and f != "art"))
+
+
+def has_raw_notes(text: str) -> bool:
+    """The answer leaks the notes record ("none none", or "left large red circle")."""
+    return bool(_NOTES_RUN.search(text.lower()))
+
+
+def has_filler(text: str) -> bool:
+    """The answer carries a stage-1 caption filler ("free download", "stock image", ...).
+    'photo' and 'art' are left out: a chat answer may say them in plain English."""
+    return bool(_FILLER.search(text.lower()))
+
+
+def pope_scores(answers: list[str], truth: list[str]) -> dict[str, float]:
+    """POPE (Li et al., 2023): accuracy, precision, recall, F1 and the share of 'yes' of
+    yes / no answers (read from the first word; anything else counts as neither)."""
+    said = [(_WORD.findall(a.lower()) or [""])[0] for a in answers]
+    tp = sum(s == "yes" and t == "yes" for s, t in zip(said, truth))
+    fp = sum(s == "yes" and t == "no" for s, t in zip(said, truth))
+    fn = sum(s != "yes" and t == "yes" for s, t in zip(said, truth))
+    n = max(len(truth), 1)
+    prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return {"accuracy": sum(s == t for s, t in zip(said, truth)) / n, "precision": prec, "recall": rec,
+            "f1": 2 * prec * rec / max(prec + rec, 1e-9), "yes_share": sum(s == "yes" for s in said) / n}

@@ -48,6 +48,7 @@ class MiniGPT4(nn.Module):
         self.cfg, self.encoder, self.llm, self.tokenizer = cfg, encoder, llm, tokenizer
         d_llm = llm.config.hidden_size
         self.llama_proj = nn.Linear(cfg.proj_in, d_llm)   # the ONLY trainable layer (kept in fp32)
+        self.projection_source: str | None = None          # the file llama_proj was loaded from; None: random
         for m in (self.encoder, self.llm):                 # frozen, decided in one place
             for p in m.parameters():
                 p.requires_grad_(False)
@@ -82,7 +83,8 @@ class MiniGPT4(nn.Module):
 
     def load_projection(self, path: str | Path) -> None:
         """Load `llama_proj` from our safetensors file, a trainer checkpoint folder, or a
-        released MiniGPT-4 `.pth` (`{"model": {...}}`, read with weights_only=True)."""
+        released MiniGPT-4 `.pth` (`{"model": {...}}`, read with weights_only=True), and
+        record the file in `projection_source` (None until then: the projection is random)."""
         path = Path(path)
         if path.is_dir():
             path = path / "model.safetensors"
@@ -106,6 +108,7 @@ class MiniGPT4(nn.Module):
         with torch.no_grad():
             self.llama_proj.weight.copy_(w)
             self.llama_proj.bias.copy_(b)
+        self.projection_source = str(path)
 
     # ------------------------------------------------------------- embeddings
     @property

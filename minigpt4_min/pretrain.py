@@ -9,21 +9,21 @@ then freezes them and ships them in `data/tiny/`:
   notes record (a per-query "slot" objective: each place of the image has its queries)
   and the mean of the queries predicts the bag of words (a pooled objective; DESIGN.md
   §5 found the two together best);
-* LLM: transformers `LlamaForCausalLM` + byte-level BPE, trained on TEXT ONLY (corpus.py),
-  with its input embeddings frozen at random N(0, 0.3) against embedding collapse. It
-  copies a record into a description long before it binds each colour to its shape (a
-  caption after the notes names the right colour for the shape it names): at 1,100 + 500
-  steps its captions from exact notes reached 0.81 attribute accuracy, at 4,400 + 2,000
-  steps 0.998 (`caption_accuracy`), so it trains that long. `--llm-loss answers` (loss
-  on answers and captions only, as Vicuna was trained) binds sooner, but an LLM made so
-  read stage 1's image tokens so well that stage 1 hardly failed (notebook 03: 1.5% of raw
-  descriptions), leaving stage 2 nothing to fix; the shipped LLM is trained on every token.
+* LLM: transformers `LlamaForCausalLM` + byte-level BPE, trained on TEXT ONLY: see
+  `pretrain_llm.py` (resumable from its own checkpoint).
 
-Reproduce the shipped files (about two hours on 2 cores, each part about 55 minutes; each
-part in two phases, from scratch and then continued with a fresh warmup + cosine at a
-lower learning rate; `--device cuda` trains the LLM on a GPU in minutes, with other bits):
+The shipped LLM was re-made (issue 12: a chat model that understands questions in a
+learner's own words, with a 512-position context); the shipped encoder was kept as it was
+made before by this same command (its manifest entry is kept). `data/tiny/manifest.json`
+records each part's recipe, time and measured quality.
+
+Reproduce the shipped files (about 2 h 20 min on an otherwise idle 2-core CPU: the encoder
+about 55 minutes in two phases, from scratch and then continued with a fresh warmup + cosine at
+a lower learning rate; the LLM likewise, 4,000 + 1,500 steps at about 0.95 s a step;
+`--device cuda` trains the LLM on a GPU):
 
     python -m minigpt4_min.pretrain --out data/tiny
+    python -m minigpt4_min.pretrain --out data/tiny --part llm      # the LLM alone
 """
 from __future__ import annotations
 
@@ -42,19 +42,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import corpus
 from . import shapesworld as sw
 from .config import DATA_DIR, TrainConfig, get_config
 from .data import ImageProcessor
 from .encoder import VisualEncoder
-from .evaluate import caption_metrics, exact_scene, vqa_accuracy, vqa_questions
-from .llm import load_tokenizer, tiny_llm_config, train_tokenizer
+from .pretrain_llm import LLM_CONTINUE, LLM_TRAIN, phases_history, pretrain_llm
 from .train import build_optimizer, lr_at
 
 ENCODER_TRAIN = TrainConfig(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=200,
                             max_steps=1500, batch_size=64, weight_decay=0.05, seed=0)
-LLM_TRAIN = TrainConfig(lr=2e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=200,
-                        max_steps=4400, batch_size=16, weight_decay=0.1, seed=0)
 
 
 # =============================================================== encoder
@@ -73,11 +69,6 @@ class NotesHead(nn.Module):
     def forward(self, feats: torch.Tensor):         # feats (B, Q, H)
         return self.slot(feats[:, : sw.NOTES_LEN]), self.bag(feats.mean(1))  # (B, 22, V), (B, V)
 
-
-def _phases(before: dict | None, metrics: dict) -> list[dict]:
-    """The history of a part: the phases of the run it continued (`before`), then this one."""
-    earlier = [] if not before else before.get("phases", [before])
-    return earlier + [{k: v for k, v in metrics.items() if k != "phases"}]
 
 
 def sincos_position_embeddings(enc: VisualEncoder) -> None:
@@ -185,7 +176,7 @@ def pretrain_encoder(out: Path, steps: int, seed: int = 0, n_eval: int = 1000,
                "params": sum(p.numel() for p in enc.parameters()), "train": asdict(tc),
                "init": str(init) if init else None}
     before = json.loads((Path(init) / "config.json").read_text()).get("pretraining") if init else None
-    metrics["phases"] = _phases(before, metrics)
+    metrics["phases"] = phases_history(before, metrics)
     enc.save(out / "encoder", extra={"pretraining": metrics})
     save_file({k: v.contiguous() for k, v in head.state_dict().items()},
               str(out / "encoder" / "notes_head.safetensors"))
@@ -196,159 +187,6 @@ def load_notes_head(folder: str | Path, hidden: int, vit_hidden: int) -> NotesHe
     head = NotesHead(hidden, sw.notes_vocab(), vit_hidden)
     head.load_state_dict(load_file(str(Path(folder) / "notes_head.safetensors")))
     return head.eval()
-
-
-# =============================================================== LLM
-def redescribe_prompt(scene: sw.Scene) -> str:
-    """A scene given in words, asking for a description: the LLM's copy test."""
-    return f"###Human: Scene: {sw.notes(scene)}. Describe the scene. ###Assistant: "
-
-
-@torch.no_grad()
-def generate_text(model, tok, prompts: list[str], max_new_tokens: int = 80, batch: int = 50) -> list[str]:
-    """Greedy continuation of text prompts, cut at the first `###`."""
-    tok.padding_side = "left"
-    outs = []
-    try:
-        for i in range(0, len(prompts), batch):
-            enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True).to(model.device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 stop_strings=["###"], tokenizer=tok, pad_token_id=tok.pad_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:]:
-                outs.append(tok.decode(row, skip_special_tokens=True).split("###")[0].strip())
-    finally:
-        tok.padding_side = "right"
-    return outs
-
-
-def redescribe_exact(model, tok, scenes: list[sw.Scene]) -> float:
-    texts = generate_text(model, tok, [redescribe_prompt(s) for s in scenes])
-    return sum(exact_scene(t, s) for t, s in zip(texts, scenes)) / len(scenes)
-
-
-IMG_FRAME = "<Img>{} </Img>"      # the notes where MiniGPT-4's prompt puts the image tokens
-WORDS_FRAME = "Scene: {}."         # the notes as the pretraining corpus gives them
-
-
-def answer_accuracy(model, tok, scenes: list[sw.Scene], frame: str = IMG_FRAME) -> float:
-    """VQA accuracy (`evaluate.vqa_questions`) with the scene given in words, by default
-    framed as MiniGPT-4 frames an image (`<Img>notes </Img> question`): the ceiling of what
-    the LLM can answer about an image whose tokens said exactly what its notes say."""
-    qs = [(s, q) for s in scenes for q in vqa_questions(s)]
-    prompts = [f"###Human: {frame.format(sw.notes(s))} {q.text} ###Assistant: " for s, q in qs]
-    answers = generate_text(model, tok, prompts, max_new_tokens=20, batch=100)
-    return vqa_accuracy(answers, [q for _, q in qs])["vqa_accuracy"]
-
-
-def caption_accuracy(model, tok, scenes: list[sw.Scene]) -> float:
-    """Attribute accuracy of the captions the LLM writes after each scene's exact notes, in
-    the corpus's catalogue format (`notes caption`): whether it binds each colour to the
-    right shape. Stage 1 asks the same of image tokens, so this is its captions' ceiling."""
-    texts = generate_text(model, tok, [f"{sw.notes(s)} " for s in scenes], max_new_tokens=20, batch=100)
-    return caption_metrics([t.split("\n")[0] for t in texts], scenes)["attribute_accuracy"]
-
-
-LLM_CONTINUE = TrainConfig(lr=5e-4, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=50,
-                           max_steps=2000, batch_size=16, weight_decay=0.1, seed=1)
-LLM_BLOCK = 256
-
-
-def pack_documents(tok, rng: random.Random, rows: int, block: int,
-                   answers_only: bool = False) -> dict[str, torch.Tensor]:
-    """Fill `rows` rows of `block` tokens with WHOLE documents (BOS-separated), pad the rest.
-
-    Packing avoids wasting half of every batch on padding; keeping documents whole means
-    no row ever starts mid-conversation, without the scene it talks about. `labels` are the
-    ids, -100 on padding; with `answers_only`, also -100 on everything but the answers and
-    captions (`corpus.answer_spans`; a token counts when it starts inside one).
-    """
-    ids = torch.full((rows, block), tok.pad_token_id)
-    mask = torch.zeros(rows, block, dtype=torch.long)
-    labels = torch.full((rows, block), -100)
-    for r in range(rows):
-        used = 0
-        while True:
-            doc = corpus.sample_doc(rng)
-            enc = tok(doc, return_offsets_mapping=answers_only)
-            doc_ids = enc["input_ids"][:block]                          # starts with BOS
-            if used + len(doc_ids) > block:
-                break
-            t = torch.tensor(doc_ids)
-            if answers_only:
-                spans = corpus.answer_spans(doc)
-                target = torch.tensor([end > start and any(a <= start < b for a, b in spans)
-                                       for start, end in enc["offset_mapping"][:block]])
-                t_lab = t.masked_fill(~target, -100)
-            else:
-                t_lab = t
-            ids[r, used:used + len(t)] = t
-            mask[r, used:used + len(t)] = 1
-            labels[r, used:used + len(t)] = t_lab
-            used += len(t)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
-                 init: Path | None = None, device: str = "cpu", answers_only: bool = False) -> dict:
-    """Pretrain the miniature LLM from scratch, or (`init`) continue training a saved one
-    with a fresh warmup + cosine at `LLM_CONTINUE`'s lower learning rate."""
-    torch.manual_seed(seed)
-    cfg = get_config("tiny")
-    if init is None:
-        tc = LLM_TRAIN.replace(max_steps=steps, warmup_steps=min(200, steps // 5), seed=seed)
-        tok = train_tokenizer(corpus.documents(20000, seed=seed + 10_000))
-        model = transformers.LlamaForCausalLM(tiny_llm_config(len(tok), tok, cfg.llm))
-        emb = model.get_input_embeddings().weight
-        with torch.no_grad():
-            emb.normal_(0.0, 0.3)  # frozen random input embeddings (DESIGN.md §5)
-    else:
-        # tc.seed (seed + 1) picks the documents, so a continued phase reads new ones
-        tc = LLM_CONTINUE.replace(max_steps=steps, warmup_steps=min(50, steps // 5), seed=seed + 1)
-        model, tok = transformers.LlamaForCausalLM.from_pretrained(str(init)), load_tokenizer(init)
-        emb = model.get_input_embeddings().weight
-    emb.requires_grad_(False)
-    model.to(device)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = build_optimizer(params, tc)
-    model.train()
-    t0, n_tok = time.time(), 0
-    bar = tqdm(range(steps), desc="pretrain LLM")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        rng = random.Random(tc.seed * 1_000_003 + step)
-        batch = pack_documents(tok, rng, tc.batch_size, LLM_BLOCK, answers_only)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-        opt.step()
-        n_tok += int(batch["attention_mask"].sum())
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{n_tok / (time.time() - t0):.0f}")
-        if (step + 1) % 250 == 0:
-            model.eval()
-            bar.write(f"step {step + 1}: re-describes exactly "
-                      f"{redescribe_exact(model, tok, sw.split('val', 100)):.2f}")
-            model.train()
-    model.eval()
-    seconds = time.time() - t0
-    exact = redescribe_exact(model, tok, sw.split("val", n_eval))
-    answers = answer_accuracy(model, tok, sw.split("val", n_eval))
-    captions = caption_accuracy(model, tok, sw.split("val", n_eval))
-    metrics = {"redescribe_exact_val": exact, "answers_val": answers, "captions_attr_val": captions,
-               "steps": steps, "seconds": round(seconds, 1),
-               "init": str(init) if init else None,
-               "tokens_seen": n_tok, "params": sum(p.numel() for p in model.parameters()),
-               "vocab_size": len(tok), "answers_only": answers_only, "train": asdict(tc),
-               "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"}
-    model.cpu().save_pretrained(str(out / "llm"))
-    tok.save_pretrained(str(out / "llm"))
-    record = Path(init) / "pretraining.json" if init else None
-    before = json.loads(record.read_text()) if record and record.exists() else None
-    metrics["phases"] = _phases(before, metrics)
-    (out / "llm" / "pretraining.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
 
 
 def write_manifest(out: Path, parts: dict, seed: int) -> dict:

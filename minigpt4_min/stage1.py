@@ -27,8 +27,9 @@ from .model import GenerationSettings, MiniGPT4
 # Stage-1 generation: just the image, then the caption up to the newline.
 CAPTION_PROMPT = "<ImageHere>"
 # The paper's stage-2 data-generation prompt (§3.2), asked of the stage-1 model.
-DETAIL_PROMPT = ("###Human: <Img><ImageHere></Img> Describe this image in detail. Give as many "
-                 "details as possible. Say everything you see. ###Assistant: ")
+DETAIL_INSTRUCTION = ("<Img><ImageHere></Img> Describe this image in detail. Give as many "
+                      "details as possible. Say everything you see.")
+DETAIL_PROMPT = f"###Human: {DETAIL_INSTRUCTION} ###Assistant: "     # = VICUNA_TEMPLATE.format(...)
 
 
 def _write_shapesworld_shard(split: str, start: int, stop: int, image_size: int, folder: str) -> Path:

@@ -20,7 +20,7 @@ from . import shapesworld as sw
 from .config import VICUNA_TEMPLATE
 from .data import load_image, read_cc_sbu_align
 from .model import MiniGPT4
-from .stage1 import FeatureSet, encode_images
+from .stage1 import DETAIL_INSTRUCTION, FeatureSet, encode_images
 
 # The four stage-2 instructions (MiniGPT-4 prompts/alignment.txt).
 INSTRUCTIONS = (
@@ -37,6 +37,8 @@ EVAL_PROMPTS = {
     "detailed": INSTRUCTIONS[0],
     "short": "<Img><ImageHere></Img> Generate a short caption of the image.",
     "poem": "<Img><ImageHere></Img> Write a poem about it.",
+    # the long data-generation prompt of notebook 02 / 03: where the stage-1 model fails most
+    "datagen": DETAIL_INSTRUCTION,
 }
 
 

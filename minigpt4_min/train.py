@@ -127,6 +127,8 @@ class Trainer:
             if self.out_dir and self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
                 self.save(self.out_dir / f"step_{self.step:06d}")
         bar.close()
+        if hasattr(self.model, "projection_source"):    # the chat then knows it is not random
+            self.model.projection_source = f"trained in this session ({self.step} steps)"
         if self.out_dir:
             self.save(self.out_dir / "last")
         return self.history

@@ -19,7 +19,7 @@ import ipywidgets as W
 from PIL import Image
 
 from . import data
-from .conversation import IMAGE_MESSAGE, Chat
+from .conversation import Chat, Notices, render_messages, start_notices
 from .review import ReviewSession
 
 
@@ -136,12 +136,15 @@ class ChatWidget:
 
     Each new image joins the current conversation (several images per chat are allowed);
     Restart starts over. `samples(index) -> PIL.Image` supplies the sample images.
+    `notice` shows, apart from the history, that the projection is random (if it is) and
+    the warnings of the last answer (e.g. that the history was cut); `status` the last action.
     """
 
     def __init__(self, chat: Chat, samples: Callable[[int], Image.Image] | None = None,
                  thumb_px: int = 128):
         self.chat, self.samples, self.thumb_px = chat, samples, thumb_px
         self._thumbs: list[str] = []             # data: URIs of the uploaded images, in order
+        self._notices: list[str] = []            # the last answer's warnings
         s = chat.settings
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="Upload image")
         self.sample_index = W.IntText(value=0, description="sample", layout=W.Layout(width="160px"))
@@ -154,32 +157,34 @@ class ChatWidget:
         self.temperature = W.FloatSlider(value=s.temperature if s.do_sample else 0.0, min=0.0,
                                          max=2.0, step=0.1, description="temperature")
         self.status = W.Label()
+        self.notice = W.HTML()
         self.upload.observe(self._on_upload, names="value")
         self.sample_button.on_click(lambda _: self._add_image(
             lambda: self.samples(self.sample_index.value), f"sample {self.sample_index.value}"))
         self.send_button.on_click(lambda _: self.send())
         self.restart_button.on_click(lambda _: self.restart())
         self.ui = W.VBox([W.HBox([self.upload, self.sample_index, self.sample_button, self.restart_button]),
-                          self.history, W.HBox([self.text, self.send_button]),
+                          self.notice, self.history, W.HBox([self.text, self.send_button]),
                           W.HBox([self.beams, self.temperature]), self.status])
         self._render()
+        self._show_notices()
 
     # --- view
+    def _thumb(self, k: int) -> str:
+        src = self._thumbs[k] if k < len(self._thumbs) else ""
+        return f'<br><img src="{src}" width="{self.thumb_px}"><br>'
+
     def _render(self, pending: str | None = None) -> None:
         """The conversation as HTML; images inline, `pending` = the answer being streamed."""
-        conv, k, rows = self.chat.conv, 0, []
-        for role, text in conv.messages:
-            human = role == conv.roles[0]
-            text = pending if text is None else text
-            body = html.escape(text or "")
-            while human and html.escape(IMAGE_MESSAGE) in body:     # each image, in upload order
-                src = self._thumbs[k] if k < len(self._thumbs) else ""
-                img = f'<br><img src="{src}" width="{self.thumb_px}"><br>'
-                body = body.replace(html.escape(IMAGE_MESSAGE), img, 1)
-                k += 1
-            who = "Human" if human else "Assistant"
-            rows.append(f"<p><b>{who}:</b> {body}</p>")
+        rows = [f"<p><b>{who}:</b> {html.escape(pending or '') if body is None else body}</p>"
+                for who, body in render_messages(self.chat.conv, self._thumb, html.escape)]
         self.history.value = "".join(rows) or "<p><i>Upload an image or draw a sample, then ask.</i></p>"
+
+    def _show_notices(self, new: list[str] | None = None) -> None:
+        """Add `new` to the last answer's notices and show them, after the projection's."""
+        self._notices += new or []
+        notes = start_notices(self.chat.model) + self._notices
+        self.notice.value = "".join(f"<p><b>note:</b> {html.escape(n)}</p>" for n in notes)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -215,19 +220,24 @@ class ChatWidget:
                                        temperature=T if T > 0 else self.chat.settings.temperature)
         self.chat.ask(question)
         self.text.value = ""
-        answer = ""
-        try:
-            for piece in self.chat.stream_answer(settings):
-                answer += piece
-                self._render(pending=answer)
-        except Exception as e:                  # e.g. a prompt longer than the context
-            self.status.value = f"no answer: {e}"
-        else:
-            self.status.value = ""
+        self._notices, answer = [], ""
+        with Notices() as notes:                # warnings go to `notice`, never into the history
+            try:
+                pieces = self.chat.stream_answer(settings)      # builds the prompt: a cut is noted here
+                self._show_notices(notes.take())
+                for piece in pieces:
+                    answer += piece
+                    self._render(pending=answer)
+            except Exception as e:              # a failed answer must not break the chat: say why
+                self.status.value = f"no answer: {e}"
+            else:
+                self.status.value = ""
+            self._show_notices(notes.take())
         self._render()
 
     def restart(self) -> None:
         self.chat.reset()
-        self._thumbs = []
+        self._thumbs, self._notices = [], []
         self.status.value = ""
         self._render()
+        self._show_notices()

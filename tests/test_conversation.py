@@ -1,5 +1,6 @@
 """Conversation templates (golden strings), image splicing, truncation, answering,
-streaming and the terminal chat (DESIGN.md §2 "Chat (demo)")."""
+streaming, notices and the terminal chat (DESIGN.md §2 "Chat (demo)")."""
+import io
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from minigpt4_min.config import get_config
-from minigpt4_min.conversation import (CONV_TEMPLATES, Chat, clean_answer, embed_prompt,
-                                       get_template, stream_clean)
+from minigpt4_min.conversation import (CONV_TEMPLATES, NO_PROJECTION, Chat, Notices, clean_answer,
+                                       embed_prompt, get_template, render_messages, start_notices,
+                                       stream_clean)
 from minigpt4_min.data import BadImageError, ImageProcessor
 from minigpt4_min.model import GenerationSettings
 
@@ -89,7 +91,7 @@ def test_ask_after_upload_joins_the_image_message(random_model):
 
 def test_defaults_fit_the_tiny_context(random_model):
     chat = Chat(random_model)
-    assert chat.max_length == 256 and chat.settings.max_new_tokens == 120
+    assert chat.max_length == 512 and chat.settings.max_new_tokens == 120
     assert get_config("vicuna7b").context_len == 2000
     assert GenerationSettings().max_new_tokens == 300
 
@@ -141,6 +143,40 @@ def test_long_context_is_cut_from_the_left_with_a_warning(random_model):
         chat.context(max_new_tokens=chat.max_length)
 
 
+def test_cut_warning_says_what_the_model_no_longer_sees(random_model):
+    chat = Chat(random_model, max_length=2000)
+    chat.upload_img(_image(0))
+    chat.ask("What is this?")
+    chat.conv.append_message(chat.conv.roles[1], "A red circle.")
+    chat.upload_img(_image(1))
+    chat.ask("And this one?")
+    chat.conv.append_message(chat.conv.roles[1], "A blue square.")
+    chat.ask("Which one is bigger? " * 3)
+    chat.conv.append_message(chat.conv.roles[1], None)
+    full, spans = embed_prompt(random_model, chat.conv.get_prompt(), chat.images)
+
+    def warning_when_cutting(cut: int) -> str:
+        chat.max_length = len(full) - cut + 10
+        with pytest.warns(UserWarning) as caught:
+            chat.context(max_new_tokens=10)
+        assert len(caught) == 1
+        return str(caught[0].message)
+
+    said = "positions are cut, so the model no longer sees "
+    assert warning_when_cutting(5).endswith("first 5 " + said + "the start of the system prompt")
+    assert warning_when_cutting(spans[0][1] + 1).endswith(
+        said + "the system prompt, 1 of the 2 images and all or part of the first of 3 turns")
+    assert warning_when_cutting(spans[1][1] + 1).endswith(
+        said + "the system prompt, both images and all or part of the first 2 of 3 turns")
+    assert warning_when_cutting(len(full) - 3).endswith(
+        said + "the system prompt, both images and every earlier turn, even the start of this question")
+
+
+def test_max_new_tokens_must_leave_room_from_the_start(random_model):
+    with pytest.raises(ValueError, match="max_new_tokens=100 leaves no room .* max_length=100"):
+        Chat(random_model, settings=GenerationSettings(max_new_tokens=100), max_length=100)
+
+
 # ---------------------------------------------------------------- answering
 def test_answer_is_cut_at_the_stop_string_and_recorded(random_model):
     chat = Chat(random_model)
@@ -184,6 +220,60 @@ def test_stream_closed_early_keeps_what_was_said(random_model):
     assert chat.conv.messages[-1] == ["Assistant: ", first]
     chat.ask("Again?")                                      # the chat goes on
     assert chat.conv.messages[-1] == ["Human: ", "Again?"]
+
+
+def test_stream_answer_builds_the_prompt_at_the_call(random_model):
+    """So a front end can show an error or a cut before it prints "Assistant: "."""
+    chat = Chat(random_model, settings=GenerationSettings(max_new_tokens=4))
+    with pytest.raises(ValueError, match="nothing to answer"):
+        chat.stream_answer()                                # raised at once, not at the first piece
+    chat.upload_img(_image(0))
+    chat.ask("What is this?")
+    chat.max_length = 40
+    with pytest.warns(UserWarning, match="positions are cut"):
+        pieces = chat.stream_answer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # nothing more while streaming
+        answer = "".join(pieces)
+    assert chat.conv.messages[-1] == ["Assistant: ", answer]
+    chat.max_length = 2000
+    chat.ask("Again?")
+    chat.stream_answer()                                    # never read: its pending answer is dropped
+    chat.ask("And again?")
+    assert chat.conv.messages[-2:] == [["Human: ", "Again?"], ["Human: ", "And again?"]]
+
+
+def test_notices_collect_warnings_once_each():
+    with Notices() as notes:
+        for _ in range(2):
+            warnings.warn("the history was cut")
+        assert notes.take() == ["the history was cut"]
+        warnings.warn("the history was cut")
+        warnings.warn("something else")
+        assert notes.take() == ["something else"]           # each text once per block
+        assert notes.take() == []
+
+
+def test_render_messages_for_people():
+    conv = get_template("llama2")
+    conv.append_message(conv.roles[0], "<Img><ImageHere></Img> What is <this>?")
+    conv.append_message(conv.roles[1], "A cat.")
+    conv.append_message(conv.roles[0], "<Img><ImageHere></Img>")
+    conv.append_message(conv.roles[1], None)
+    assert render_messages(conv, lambda k: f"[image {k}]", str.upper) == [
+        ("Human", "[image 0] WHAT IS <THIS>?"), ("Assistant", "A CAT."),
+        ("Human", "[image 1]"), ("Assistant", None)]
+
+
+def test_projection_source_says_whether_llama_proj_was_trained(random_model, tmp_path):
+    assert random_model.projection_source is None and start_notices(random_model) == [NO_PROJECTION]
+    with pytest.raises(FileNotFoundError):
+        random_model.load_projection(tmp_path / "missing.safetensors")
+    assert random_model.projection_source is None           # a failed load leaves it random
+    random_model.save_projection(tmp_path / "model.safetensors")
+    random_model.load_projection(tmp_path)                  # a trainer folder
+    assert random_model.projection_source == str(tmp_path / "model.safetensors")
+    assert start_notices(random_model) == []
 
 
 def test_beam_search_streams_one_piece(random_model):
@@ -274,6 +364,109 @@ def test_cli_chat_missing_image_is_one_clear_error(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.png'}: no such image file"]
 
 
+class _Captured(io.StringIO):
+    """stdout or stderr of an in-process run; each write also goes to `both`, in order."""
+
+    def __init__(self, both: list[str]):
+        super().__init__()
+        self.both = both
+
+    def write(self, s: str) -> int:
+        self.both.append(s)
+        return super().write(s)
+
+
+def _chat_main(monkeypatch, model, *args: str, stdin: str = "") -> tuple[int, str, str, str]:
+    """`python -m minigpt4_min chat ARGS` in this process, on `model` instead of the shipped
+    parts: (exit code, stdout, stderr, both interleaved as a terminal would show them)."""
+    from minigpt4_min.__main__ import main
+    from minigpt4_min.model import MiniGPT4
+
+    def from_config(cfg, projection=None):
+        if projection:
+            model.load_projection(projection)
+        return model
+
+    monkeypatch.setattr(MiniGPT4, "from_config", staticmethod(from_config))
+    both: list[str] = []
+    out, err = _Captured(both), _Captured(both)
+    for name, stream in (("stdin", io.StringIO(stdin)), ("stdout", out), ("stderr", err)):
+        monkeypatch.setattr(sys, name, stream)
+    rc = main(["chat", *args])
+    return rc, out.getvalue(), err.getvalue(), "".join(both)
+
+
+def _png_file(folder: Path, name: str, seed: int) -> str:
+    from PIL import Image
+    Image.fromarray(_image(seed)).save(folder / name)
+    return str(folder / name)
+
+
+def _prompt_positions(model, image: str, question: str) -> int:
+    """Positions of the first prompt of a chat about `image` that asks `question`."""
+    chat = Chat(model)
+    chat.upload_img(image)
+    chat.ask(question)
+    chat.conv.append_message(chat.conv.roles[1], None)
+    return len(embed_prompt(model, chat.conv.get_prompt(), chat.images)[0])
+
+
+GREEDY = ("--max-new-tokens", "4", "--temperature", "0")
+
+
+def test_cli_chat_without_a_projection_says_so_first(monkeypatch, random_model, tmp_path):
+    png = _png_file(tmp_path, "scene.png", 0)
+    rc, out, err, both = _chat_main(monkeypatch, random_model, "--image", png, *GREEDY,
+                                    stdin="What is this?\n")
+    assert rc == 0 and out.startswith("Assistant: ")
+    assert err == f"note: {NO_PROJECTION}\n" and "llama_proj is random" in err
+    assert both.index("note: no trained projection") < both.index("Assistant: ")
+    random_model.save_projection(tmp_path / "proj.safetensors")
+    rc, out, err, _ = _chat_main(monkeypatch, random_model, "--image", png, *GREEDY,
+                                 "--checkpoint", str(tmp_path / "proj.safetensors"), stdin="What is this?\n")
+    assert rc == 0 and out.startswith("Assistant: ") and err == ""
+
+
+def test_cli_chat_notes_a_cut_before_the_answer_never_inside_it(monkeypatch, random_model, tmp_path):
+    png = _png_file(tmp_path, "scene.png", 0)
+    fits = _prompt_positions(random_model, png, "What is this?")       # the first prompt just fits
+    rc, out, err, both = _chat_main(monkeypatch, random_model, "--image", png, *GREEDY,
+                                    "--max-length", str(fits + 4),
+                                    stdin="What is this?\nWhat colour is it?\nAnd its size?\n")
+    assert rc == 0
+    lines = both.splitlines()
+    answers = [i for i, line in enumerate(lines) if line.startswith("Assistant: ")]
+    cuts = [i for i, line in enumerate(lines) if line.startswith("note: the conversation is")]
+    assert len(answers) == 3 and cuts == [answers[1] - 1, answers[2] - 1]   # once each, just before
+    assert all(w not in lines[i] for i in answers for w in ("note:", "warning", "positions are cut"))
+    assert "positions" not in out and err.count("positions are cut, so the model no longer sees") == 2
+    assert "warning" not in err                               # said once, as a note
+
+
+def test_cli_chat_history_lists_the_conversation(monkeypatch, random_model, tmp_path):
+    png, second = _png_file(tmp_path, "scene.png", 0), _png_file(tmp_path, "second.png", 1)
+    random_model.save_projection(tmp_path / "model.safetensors")
+    stdin = f"What is this?\n/image {second}\nAnd this one?\n/history\n/reset\n/history\n/quit\nNot asked.\n"
+    rc, out, err, _ = _chat_main(monkeypatch, random_model, "--checkpoint", str(tmp_path), "--image", png,
+                                 *GREEDY, stdin=stdin)
+    assert rc == 0 and err == ""
+    before, after = out.split(f"(conversation reset: {second})")
+    history = [line for line in before.splitlines() if line.startswith("Human: ")]
+    assert history == [f"Human: <image: {png}> What is this?", f"Human: <image: {second}> And this one?"]
+    assert before.count("Assistant: ") == 2 * 2                # each answer streamed, then listed
+    assert after.strip().splitlines() == [f"Human: <image: {second}>"]
+    assert "Not asked" not in out
+
+
+def test_cli_chat_help_lists_the_commands(capsys):
+    from minigpt4_min.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("/image PATH", "/history", "/reset", "/quit", "--checkpoint"))
+
+
 # ---------------------------------------------------------------- notebook widget
 def _png_bytes(seed: int) -> bytes:
     import io
@@ -302,6 +495,11 @@ def test_chat_widget_upload_send_and_restart(random_model):
     w.upload.value = _upload_value("cat.png", _png_bytes(5))
     assert len(w.chat.images) == 1 and 'src="data:image/png;base64,' in w.history.value
     torch.testing.assert_close(w.chat.images[0], _embedding(random_model, _image(5)))
+    tok = random_model.tokenizer
+    with torch.no_grad():                 # a random LLM may well stop at once: never let it say "#"
+        for t, i in tok.get_vocab().items():
+            if "#" in tok.convert_tokens_to_string([t]):
+                random_model.llm.lm_head.weight[i] = -10.0 * random_model.llm.lm_head.weight[i].abs()
     w.text.value = "What is <this>?"
     w.send_button.click()
     answer = w.chat.conv.messages[-1][1]
@@ -360,3 +558,40 @@ def test_chat_speed_benchmark_script_runs_and_reports(tmp_path):
     text = json.dumps(res)
     assert "use_cache" in text or "cache" in text
     assert res
+
+
+def test_chat_widget_shows_notices_apart_from_the_history(random_model, tmp_path):
+    from minigpt4_min.widgets import ChatWidget
+    png = _png_file(tmp_path, "scene.png", 0)
+    fits = _prompt_positions(random_model, png, "What is this?")       # the first prompt just fits
+    w = ChatWidget(Chat(random_model, settings=GenerationSettings(max_new_tokens=4), max_length=fits + 4))
+    assert "no trained projection" in w.notice.value and "projection" not in w.history.value
+    w.upload.value = _upload_value("scene.png", Path(png).read_bytes())
+    w.text.value = "What is this?"
+    w.send_button.click()
+    assert "positions are cut" not in w.notice.value                  # the first prompt fits
+    w.text.value = "What colour is it?"
+    w.send_button.click()
+    assert w.notice.value.count("positions are cut, so the model no longer sees") == 1
+    assert "no trained projection" in w.notice.value and w.status.value == ""
+    assert "positions" not in w.history.value and "note" not in w.history.value
+    assert w.chat.conv.messages[-1][0] == "Assistant: "
+    w.restart_button.click()                                            # the cut is forgotten, not the projection
+    assert "positions" not in w.notice.value and "no trained projection" in w.notice.value
+    random_model.save_projection(tmp_path / "proj.safetensors")
+    random_model.load_projection(tmp_path / "proj.safetensors")
+    assert ChatWidget(Chat(random_model)).notice.value == ""
+
+
+def test_images_command_writes_test_images_and_their_truth(tmp_path, capsys):
+    from PIL import Image
+
+    from minigpt4_min import shapesworld as sw
+    from minigpt4_min.__main__ import main
+    assert main(["images", "--out", str(tmp_path), "--n", "3"]) == 0
+    pngs = sorted(tmp_path.glob("test_*.png"))
+    assert [p.name for p in pngs] == ["test_000.png", "test_001.png", "test_002.png"]
+    assert Image.open(pngs[1]).tobytes() == sw.test_image(1).tobytes()
+    truth = (tmp_path / "truth.txt").read_text().splitlines()
+    assert truth[2] == f"test_002.png: {sw.describe(sw.scene_at('test', 2))}"
+    assert main(["images", "--out", str(tmp_path), "--n", "0"]) == 2 and "--n" in capsys.readouterr().err

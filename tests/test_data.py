@@ -1,9 +1,11 @@
 """Tests for minigpt4_min.data: image loading, preprocessing, shards, cc_sbu_align folders."""
 from __future__ import annotations
 
+import gc
 import io
 import json
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -13,8 +15,8 @@ import torch
 from PIL import Image
 
 from minigpt4_min.config import get_config
-from minigpt4_min.data import (BadImageError, BadSampleWarning, ImageProcessor, ShardStats,
-                               clean_caption, load_image, read_cc_sbu_align, read_shards,
+from minigpt4_min.data import (BadImageError, BadSampleWarning, EmptyShardWarning, ImageProcessor,
+                               ShardStats, clean_caption, load_image, read_cc_sbu_align, read_shards,
                                write_cc_sbu_align, write_shards)
 
 torch.set_num_threads(1)
@@ -154,6 +156,59 @@ def test_bad_samples_are_skipped_counted_and_warned(tmp_path):
     assert "json" in stats.reasons[3] and "caption" in stats.reasons[4]
     warned = [str(w.message) for w in record if issubclass(w.category, BadSampleWarning)]
     assert warned == stats.reasons
+
+
+@pytest.mark.parametrize("kind", ["zero bytes", "tar without members"])
+def test_empty_shard_is_counted_and_warned_by_name(tmp_path, kind):
+    import tarfile
+
+    write_shards(samples(4), tmp_path, shard_size=2)             # shard-000000, shard-000001
+    empty = tmp_path / "shard-000002.tar"
+    if kind == "zero bytes":
+        empty.write_bytes(b"")
+    else:
+        tarfile.open(empty, "w").close()                       # a valid tar, no samples
+    stats = ShardStats()
+    with pytest.warns(EmptyShardWarning, match="shard-000002.tar") as record:
+        got = list(read_shards(tmp_path, stats))
+    assert len(got) == 4 and stats.ok == 4 and stats.skipped == 0
+    assert stats.empty_shards == [str(empty)]
+    assert [str(w.message) for w in record if w.category is EmptyShardWarning] == [
+        f"{empty}: empty shard, no samples"]
+    assert "1 empty shard" in str(stats)
+
+
+def _warnings_of(run) -> list[warnings.WarningMessage]:
+    """Every warning raised while `run()` runs and its garbage is collected."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run()
+        gc.collect()
+    return record
+
+
+def test_read_shards_leaves_no_file_open(tmp_path):
+    write_shards(samples(6), tmp_path, shard_size=2)
+    (tmp_path / "shard-000003.tar").write_bytes(b"")             # an empty one too
+
+    def stop_early():                                            # the caller breaks off mid-shard
+        it = read_shards(tmp_path)
+        next(it)
+        del it
+
+    for run in (lambda: list(read_shards(tmp_path)), stop_early):
+        record = _warnings_of(run)
+        assert [str(w.message) for w in record if issubclass(w.category, ResourceWarning)] == []
+    assert [w.category for w in _warnings_of(lambda: list(read_shards(tmp_path)))] == [EmptyShardWarning]
+
+
+def test_split_by_node_reads_this_ranks_shards(tmp_path, monkeypatch):
+    write_shards(samples(8), tmp_path, shard_size=2)             # 4 shards
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert [s.key for s in read_shards(tmp_path, split_by_node=True)] == ["00002", "00003", "00006", "00007"]
+    with pytest.raises(ValueError, match="nodesplitter"):       # several ranks must split
+        list(read_shards(tmp_path))
 
 
 # ---------------------------------------------------------------- load_image

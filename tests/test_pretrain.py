@@ -1,22 +1,33 @@
 """The script that makes the shipped miniature parts runs, writes loadable parts and a manifest."""
 import json
 
+import pytest
 import torch
 
-from minigpt4_min import pretrain
+from minigpt4_min import pretrain, pretrain_llm
 from minigpt4_min.config import get_config
 from minigpt4_min.model import MiniGPT4
 
 
-_ACC, _EXACT, _ANSWERS = pretrain.encoder_attribute_accuracy, pretrain.redescribe_exact, pretrain.answer_accuracy
+_ACC, _EXACT, _ANSWERS = pretrain.encoder_attribute_accuracy, pretrain_llm.redescribe_exact, pretrain_llm.answer_accuracy
+_HELD, _CAPS, _DOCS = pretrain_llm.heldout_accuracy, pretrain_llm.caption_accuracy, pretrain_llm.corpus.documents
+
+
+def _quick_evals(monkeypatch):
+    """Evaluate on a handful of scenes, tokenizer from a few documents: these tests prove
+    the script works, not its quality."""
+    monkeypatch.setattr(pretrain_llm, "redescribe_exact", lambda model, tok, scenes: _EXACT(model, tok, scenes[:4]))
+    monkeypatch.setattr(pretrain_llm, "answer_accuracy", lambda model, tok, scenes, **kw: _ANSWERS(model, tok, scenes[:4], **kw))
+    monkeypatch.setattr(pretrain_llm, "heldout_accuracy", lambda model, tok, scenes, *a, **kw: _HELD(model, tok, scenes[:3], *a, **kw))
+    monkeypatch.setattr(pretrain_llm, "caption_accuracy", lambda model, tok, scenes: _CAPS(model, tok, scenes[:4]))
+    monkeypatch.setattr(pretrain_llm.corpus, "documents", lambda n, seed: _DOCS(min(n, 400), seed))
 
 
 def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     # evaluate on a handful of scenes only: this test proves the script works, not its quality
     monkeypatch.setattr(pretrain, "encoder_attribute_accuracy",
                         lambda enc, head, scenes, batch=250: _ACC(enc, head, scenes[:20]))
-    monkeypatch.setattr(pretrain, "redescribe_exact", lambda model, tok, scenes: _EXACT(model, tok, scenes[:4]))
-    monkeypatch.setattr(pretrain, "answer_accuracy", lambda model, tok, scenes, **kw: _ANSWERS(model, tok, scenes[:4], **kw))
+    _quick_evals(monkeypatch)
     manifest = pretrain.main(["--out", str(tmp_path), "--encoder-steps", "3", "--llm-steps", "3",
                               "--encoder-continue-steps", "2", "--llm-continue-steps", "2", "--threads", "1"])
     assert set(manifest["parts"]) == {"encoder", "llm"}
@@ -26,6 +37,10 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
         assert phases[0]["init"] is None and phases[1]["init"] == str(tmp_path / part)
     assert 0.0 <= manifest["parts"]["encoder"]["attribute_accuracy_val"] <= 1.0
     assert 0.0 <= manifest["parts"]["llm"]["answers_val"] <= 1.0
+    llm = manifest["parts"]["llm"]
+    assert set(llm["heldout_img_frame_val"]) >= {"all", "colour", "count", "yesno", "absent"}
+    assert -1.0 <= llm["colour_collapse"] <= 1.0 and llm["block"] == pretrain_llm.LLM_BLOCK
+    assert not (tmp_path / "llm_checkpoint").exists()          # a finished run leaves no checkpoint
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
     assert manifest["files_bytes"]["encoder/model.safetensors"] > 0
     cfg = get_config("tiny", encoder_path=str(tmp_path / "encoder"), llm_path=str(tmp_path / "llm"))
@@ -60,9 +75,9 @@ def test_pack_documents_labels():
     from minigpt4_min.config import DATA_DIR
     from minigpt4_min.llm import load_tokenizer
     tok = load_tokenizer(DATA_DIR / "tiny" / "llm")
-    full = pretrain.pack_documents(tok, random.Random(3), 4, 256)
+    full = pretrain_llm.pack_documents(tok, random.Random(3), 4, 256)
     assert torch.equal(full["labels"], full["input_ids"].masked_fill(full["attention_mask"] == 0, -100))
-    ans = pretrain.pack_documents(tok, random.Random(3), 4, 256, answers_only=True)
+    ans = pretrain_llm.pack_documents(tok, random.Random(3), 4, 256, answers_only=True)
     assert torch.equal(ans["input_ids"], full["input_ids"])             # same documents
     on = ans["labels"] != -100
     assert 0 < on.sum() < 0.6 * full["attention_mask"].sum()
@@ -70,3 +85,32 @@ def test_pack_documents_labels():
     assert any("none none none" in tok.decode(row) for row in full["input_ids"])   # records are there...
     labelled = [tok.decode(row[row != -100]) for row in ans["labels"]]
     assert not any("none" in t for t in labelled)                                   # ...but never labels
+
+
+def test_llm_pretraining_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
+    """Killed after its step-2 checkpoint, the run started again resumes at step 2 and ends
+    with the same weights as an uninterrupted run (documents depend on seed and step)."""
+    from safetensors.torch import load_file
+    _quick_evals(monkeypatch)
+    torch.set_num_threads(1)
+    whole = pretrain_llm.pretrain_llm(tmp_path / "whole", 4, n_eval=3, ckpt_every=2)
+    calls, pack = [], pretrain_llm.pack_documents
+
+    def dies_at_step_3(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return pack(*a, **kw)
+
+    monkeypatch.setattr(pretrain_llm, "pack_documents", dies_at_step_3)
+    (tmp_path / "cut").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_llm.pretrain_llm(tmp_path / "cut", 4, n_eval=3, ckpt_every=2)
+    state = json.loads((tmp_path / "cut" / "llm_checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    monkeypatch.setattr(pretrain_llm, "pack_documents", pack)
+    resumed = pretrain_llm.pretrain_llm(tmp_path / "cut", 4, n_eval=3, ckpt_every=2)
+    assert resumed["tokens_seen"] == whole["tokens_seen"]
+    a = load_file(str(tmp_path / "whole" / "llm" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "llm" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

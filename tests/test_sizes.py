@@ -21,7 +21,8 @@ def test_llama_proj_exact(table):
     assert table["vicuna7b"]["llama_proj"] == 768 * 4096 + 4096 == 3_149_824
     assert table["vicuna13b"]["llama_proj"] == 768 * 5120 + 5120 == 3_937_280
     assert table["llama2-7b"]["llama_proj"] == 5632 * 4096 + 4096 == 23_072_768
-    assert table["tiny"]["llama_proj"] == 128 * 192 + 192
+    d = get_config("tiny").llm["hidden_size"]               # the shipped LLM's width
+    assert table["tiny"]["llama_proj"] == 128 * d + d
 
 
 def test_totals_and_fractions(table):
@@ -70,7 +71,7 @@ def test_llama2_variant_has_no_qformer(table):
 def test_tiny_vocab_argument():
     a, = parameter_table(["tiny"], tiny_vocab=1024)
     b, = parameter_table(["tiny"], tiny_vocab=1124)
-    assert b["llm"] - a["llm"] == 2 * 100 * 192     # embedding + untied lm_head
+    assert b["llm"] - a["llm"] == 2 * 100 * get_config("tiny").llm["hidden_size"]     # embedding + untied lm_head
 
 
 def test_markdown_table(table):

@@ -1,0 +1,291 @@
+"""Making the miniature frozen LLM of the `tiny` scale: a "Vicuna" of ShapesWorld.
+
+MiniGPT-4 (arXiv 2304.10592 §3) freezes Vicuna, an LLM that learned language from text
+alone. Our miniature is a transformers `LlamaForCausalLM` (4 layers, width 256, 512
+positions: a 5-turn chat with an image fits) + a byte-level BPE tokenizer, trained on TEXT
+ONLY (`corpus.py`: scenes in words, chats about them in many wordings), with its input
+embeddings frozen at random N(0, 0.3) against embedding collapse (DESIGN.md §5). Documents
+are packed whole into 512-token rows; the loss is on every token (`--llm-loss answers`:
+answers and captions only, as Vicuna was trained; see `pack_documents`).
+
+Two phases, as for the encoder: 4,000 steps from scratch (`LLM_TRAIN`), then 1,500 more at
+a lower learning rate on new documents (`LLM_CONTINUE`). The first phase learns to copy a
+record (re-description 0.35 at step 2,000, 0.97 at 3,000, measured on 40 validation scenes)
+long before it binds each colour to its shape (colour questions 0.64 in the corpus's own
+wordings after 4,000 steps, on 300): the second phase is for that.
+
+The run saves itself every 250 steps (`llm_checkpoint/`: weights, tokenizer, AdamW
+moments, step) and, started again with the same arguments, resumes exactly there.
+Quality is measured on validation scenes: re-description, questions per kind in the
+corpus's and in HELD-OUT wordings (`wordings.HELDOUT`), in the corpus's framing and in
+MiniGPT-4's `<Img>` framing that the corpus never contains, captions after notes, and the
+embedding-collapse check. `python -m minigpt4_min.pretrain --part llm` runs it.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import corpus, wordings
+from . import shapesworld as sw
+from .config import TrainConfig, get_config
+from .evaluate import accuracy_by_kind, caption_metrics, exact_scene, vqa_accuracy, vqa_questions
+from .llm import load_tokenizer, tiny_llm_config, train_tokenizer
+from .train import build_optimizer, lr_at
+
+LLM_TRAIN = TrainConfig(lr=2e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=200,
+                        max_steps=4000, batch_size=8, weight_decay=0.1, seed=0)
+LLM_VOCAB = 1536
+
+
+def phases_history(before: dict | None, metrics: dict) -> list[dict]:
+    """The history of a part: the phases of the run it continued (`before`), then this one."""
+    earlier = [] if not before else before.get("phases", [before])
+    return earlier + [{k: v for k, v in metrics.items() if k != "phases"}]
+
+def redescribe_prompt(scene: sw.Scene) -> str:
+    """A scene given in words, asking for a description: the LLM's copy test."""
+    return f"###Human: Scene: {sw.notes(scene)}. Describe the scene. ###Assistant: "
+
+
+@torch.no_grad()
+def generate_text(model, tok, prompts: list[str], max_new_tokens: int = 80, batch: int = 50) -> list[str]:
+    """Greedy continuation of text prompts, cut at the first `###`."""
+    tok.padding_side = "left"
+    outs = []
+    try:
+        for i in range(0, len(prompts), batch):
+            enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True).to(model.device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 stop_strings=["###"], tokenizer=tok, pad_token_id=tok.pad_token_id)
+            for row in gen[:, enc["input_ids"].shape[1]:]:
+                outs.append(tok.decode(row, skip_special_tokens=True).split("###")[0].strip())
+    finally:
+        tok.padding_side = "right"
+    return outs
+
+
+def redescribe_exact(model, tok, scenes: list[sw.Scene]) -> float:
+    texts = generate_text(model, tok, [redescribe_prompt(s) for s in scenes])
+    return sum(exact_scene(t, s) for t, s in zip(texts, scenes)) / len(scenes)
+
+
+IMG_FRAME = "<Img>{} </Img>"      # the notes where MiniGPT-4's prompt puts the image tokens
+WORDS_FRAME = "Scene: {}."         # the notes as the pretraining corpus gives them
+
+
+def answer_accuracy(model, tok, scenes: list[sw.Scene], frame: str = IMG_FRAME) -> float:
+    """VQA accuracy (`evaluate.vqa_questions`) with the scene given in words, by default
+    framed as MiniGPT-4 frames an image (`<Img>notes </Img> question`): the ceiling of what
+    the LLM can answer about an image whose tokens said exactly what its notes say."""
+    qs = [(s, q) for s in scenes for q in vqa_questions(s)]
+    prompts = [f"###Human: {frame.format(sw.notes(s))} {q.text} ###Assistant: " for s, q in qs]
+    answers = generate_text(model, tok, prompts, max_new_tokens=20, batch=100)
+    return vqa_accuracy(answers, [q for _, q in qs])["vqa_accuracy"]
+
+
+def caption_accuracy(model, tok, scenes: list[sw.Scene]) -> float:
+    """Attribute accuracy of the captions the LLM writes after each scene's exact notes, in
+    the corpus's catalogue format (`notes caption`): whether it binds each colour to the
+    right shape. Stage 1 asks the same of image tokens, so this is its captions' ceiling."""
+    texts = generate_text(model, tok, [f"{sw.notes(s)} " for s in scenes], max_new_tokens=20, batch=100)
+    return caption_metrics([t.split("\n")[0] for t in texts], scenes)["attribute_accuracy"]
+
+
+def heldout_accuracy(model, tok, scenes: list[sw.Scene], split: str = "heldout",
+                     frame: str = WORDS_FRAME, seed: int = 0) -> dict[str, float]:
+    """Accuracy per question kind (`wordings.KINDS`) on `split`'s wordings ('heldout': never
+    in the corpus), the scene given in words in `frame`: how well the LLM understands a
+    question however it is asked."""
+    rng = random.Random(seed)
+    qs = [(s, q) for s in scenes for q in wordings.questions(s, rng, split)]
+    prompts = [f"###Human: {frame.format(sw.notes(s))} {q.text} ###Assistant: " for s, q in qs]
+    answers = generate_text(model, tok, prompts, max_new_tokens=24, batch=100)
+    return accuracy_by_kind(answers, [q for _, q in qs])
+
+
+def colour_collapse(model, tok) -> float:
+    """Embedding-collapse check (DESIGN.md §5): the mean pairwise cosine of the output-head
+    rows of the six colour words (near 1 = interchangeable, the LLM cannot copy them)."""
+    ids = [tok(f"{c} ", add_special_tokens=False)["input_ids"][0] for c in sw.COLOURS]
+    w = torch.nn.functional.normalize(model.lm_head.weight[ids].detach().float(), dim=-1)   # (6, H)
+    cos = w @ w.T
+    n = len(ids)
+    return float((cos.sum() - n) / (n * n - n))
+
+
+LLM_CONTINUE = TrainConfig(lr=5e-4, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=50,
+                           max_steps=1500, batch_size=8, weight_decay=0.1, seed=1)
+LLM_BLOCK = 512          # a 5-turn chat with an image and 120 new tokens fits (chat context 512)
+
+
+def pack_documents(tok, rng: random.Random, rows: int, block: int,
+                   answers_only: bool = False) -> dict[str, torch.Tensor]:
+    """Fill `rows` rows of `block` tokens with WHOLE documents (BOS-separated), pad the rest.
+
+    Packing avoids wasting half of every batch on padding; keeping documents whole means
+    no row ever starts mid-conversation, without the scene it talks about. `labels` are the
+    ids, -100 on padding; with `answers_only`, also -100 on everything but the answers and
+    captions (`corpus.answer_spans`; a token counts when it starts inside one).
+    """
+    ids = torch.full((rows, block), tok.pad_token_id)
+    mask = torch.zeros(rows, block, dtype=torch.long)
+    labels = torch.full((rows, block), -100)
+    for r in range(rows):
+        used = 0
+        while True:
+            doc = corpus.sample_doc(rng)
+            enc = tok(doc, return_offsets_mapping=answers_only)
+            doc_ids = enc["input_ids"][:block]                          # starts with BOS
+            if used + len(doc_ids) > block:
+                break
+            t = torch.tensor(doc_ids)
+            if answers_only:
+                spans = corpus.answer_spans(doc)
+                target = torch.tensor([end > start and any(a <= start < b for a, b in spans)
+                                       for start, end in enc["offset_mapping"][:block]])
+                t_lab = t.masked_fill(~target, -100)
+            else:
+                t_lab = t
+            ids[r, used:used + len(t)] = t
+            mask[r, used:used + len(t)] = 1
+            labels[r, used:used + len(t)] = t_lab
+            used += len(t)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _save_llm_checkpoint(folder: Path, model, tok, opt, params, state: dict) -> None:
+    """Everything a resumed LLM run needs, as safetensors + JSON: weights, tokenizer,
+    AdamW moments, and the step / token count / elapsed time (written last: a checkpoint
+    without trainer_state.json is incomplete and ignored)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    moments = {}
+    for n, p in params:
+        st = opt.state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                moments[f"{n}.{k}"] = st[k].detach().cpu().contiguous()
+        if "step" in st:
+            moments[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    tmp.rename(folder)
+
+
+def _load_llm_checkpoint(folder: Path, opt, params, device: str) -> dict:
+    m = load_file(str(folder / "optimizer.safetensors"))
+    for n, p in params:
+        if f"{n}.exp_avg" in m:
+            opt.state[p] = {"step": m[f"{n}.step"].reshape(()).float(),
+                            "exp_avg": m[f"{n}.exp_avg"].to(device), "exp_avg_sq": m[f"{n}.exp_avg_sq"].to(device)}
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
+                 init: Path | None = None, device: str = "cpu", answers_only: bool = False,
+                 ckpt_every: int = 250) -> dict:
+    """Pretrain the miniature LLM from scratch, or (`init`) continue training a saved one
+    with a fresh warmup + cosine at `LLM_CONTINUE`'s lower learning rate.
+
+    Every `ckpt_every` steps the run saves itself to `out/llm_checkpoint/` (weights,
+    tokenizer, optimizer moments, step); started again with the same arguments it resumes
+    from there, drawing the same documents (they depend on the seed and the step only)."""
+    torch.manual_seed(seed)
+    cfg = get_config("tiny")
+    ckpt = out / "llm_checkpoint"
+    if init is None:
+        tc = LLM_TRAIN.replace(max_steps=steps, warmup_steps=min(200, steps // 5), seed=seed)
+    else:
+        # tc.seed (seed + 1) picks the documents, so a continued phase reads new ones
+        tc = LLM_CONTINUE.replace(max_steps=steps, warmup_steps=min(50, steps // 5), seed=seed + 1)
+    state = json.loads((ckpt / "trainer_state.json").read_text()) if (ckpt / "trainer_state.json").exists() else None
+    if state is not None and (state["train"] != json.loads(json.dumps(asdict(tc)))
+                              or state["init"] != (str(init) if init else None)):
+        print(f"{ckpt} belongs to another run (its recipe differs): starting afresh")
+        state = None
+    if state is not None:
+        model, tok = transformers.LlamaForCausalLM.from_pretrained(str(ckpt)), load_tokenizer(ckpt)
+    elif init is None:
+        tok = train_tokenizer(corpus.documents(20000, seed=seed + 10_000), vocab_size=LLM_VOCAB)
+        model = transformers.LlamaForCausalLM(tiny_llm_config(len(tok), tok, cfg.llm))
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, 0.3)  # frozen random input embeddings (DESIGN.md §5)
+    else:
+        model, tok = transformers.LlamaForCausalLM.from_pretrained(str(init)), load_tokenizer(init)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.to(device)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = build_optimizer(params, tc)
+    start, n_tok, spent = 0, 0, 0.0
+    if state is not None:
+        _load_llm_checkpoint(ckpt, opt, params, device)
+        start, n_tok, spent = state["step"], state["tokens_seen"], state["seconds"]
+        print(f"resuming the LLM from {ckpt} at step {start}")
+    model.train()
+    t0 = time.time() - spent
+    bar = tqdm(range(start, steps), desc="pretrain LLM", initial=start, total=steps)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tc)
+        rng = random.Random(tc.seed * 1_000_003 + step)
+        batch = pack_documents(tok, rng, tc.batch_size, LLM_BLOCK, answers_only)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        opt.step()
+        n_tok += int(batch["attention_mask"].sum())
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{n_tok / (time.time() - t0):.0f}")
+        if (step + 1) % 500 == 0:
+            model.eval()
+            acc = heldout_accuracy(model, tok, sw.split("val", 40))
+            bar.write(f"step {step + 1}: loss {loss.item():.3f}, re-describes exactly "
+                      f"{redescribe_exact(model, tok, sw.split('val', 40)):.2f}, held-out wordings "
+                      + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+            model.train()
+        if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
+            _save_llm_checkpoint(ckpt, model, tok, opt, params, {
+                "step": step + 1, "tokens_seen": n_tok, "seconds": time.time() - t0,
+                "train": asdict(tc), "init": str(init) if init else None})
+    model.eval()
+    seconds = time.time() - t0
+    val = sw.split("val", n_eval)
+    metrics = {"redescribe_exact_val": redescribe_exact(model, tok, val),
+               "answers_val": answer_accuracy(model, tok, val),
+               "captions_attr_val": caption_accuracy(model, tok, val),
+               "heldout_words_val": heldout_accuracy(model, tok, val),
+               "heldout_img_frame_val": heldout_accuracy(model, tok, val, frame=IMG_FRAME),
+               "corpus_words_val": heldout_accuracy(model, tok, val, split="corpus"),
+               "colour_collapse": colour_collapse(model, tok),
+               "steps": steps, "seconds": round(seconds, 1),
+               "init": str(init) if init else None, "block": LLM_BLOCK,
+               "tokens_seen": n_tok, "params": sum(p.numel() for p in model.parameters()),
+               "vocab_size": len(tok), "answers_only": answers_only, "train": asdict(tc),
+               "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"}
+    model.cpu().save_pretrained(str(out / "llm"))
+    tok.save_pretrained(str(out / "llm"))
+    record = Path(init) / "pretraining.json" if init else None
+    before = json.loads(record.read_text()) if record and record.exists() else None
+    metrics["phases"] = phases_history(before, metrics)
+    (out / "llm" / "pretraining.json").write_text(json.dumps(metrics, indent=2))
+    if ckpt.exists():                    # finished: the checkpoint has served
+        for f in ckpt.iterdir():
+            f.unlink()
+        ckpt.rmdir()
+    return metrics

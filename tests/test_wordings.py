@@ -1,0 +1,102 @@
+"""The corpus speaks like a chat model, and the held-out wordings are really held out."""
+import random
+import re
+
+import pytest
+
+from minigpt4_min import corpus
+from minigpt4_min import shapesworld as sw
+from minigpt4_min import wordings as wd
+from minigpt4_min.conversation import SYSTEM
+from minigpt4_min.evaluate import accuracy_by_kind, asked_correct
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return corpus.documents(3000, seed=11)
+
+
+def _every_filling(template):
+    for s in sw.SHAPES:
+        for c in sw.COLOURS:
+            for p in sw.POSITIONS:
+                for pic in wd.PICS:
+                    yield template.format(s=s, c=c, w=sw.POSITION_PHRASE[p], ss=wd.PLURAL[s], pic=pic)
+
+
+def test_heldout_patterns_find_their_own_wordings_in_any_form():
+    """The check below could fail: each held-out wording is found, filled any way,
+    inside a longer sentence, in lower case, with colour for color and no question mark."""
+    for kind, templates in wd.HELDOUT.items():
+        for t in templates:
+            for text in list(_every_filling(t))[::37]:
+                assert wd.uses_heldout(text), (kind, text)
+                assert wd.uses_heldout("Please, " + text.lower().rstrip("?").replace("color", "colour"))
+    assert not wd.uses_heldout("What color is the circle?")
+
+
+def test_no_corpus_wording_contains_a_heldout_one():
+    """Exhaustive over the corpus's question templates, every filling and polite opening."""
+    templates = [t for ts in wd.CORPUS.values() for t in ts]
+    templates += list(corpus.FOLLOW_SAME) + [t for ts in corpus.FOLLOW_ATTR.values() for t in ts]
+    templates += list(corpus.DESCRIBE) + list(corpus.CAPTION) + [q for q, _ in corpus.OUT_OF_WORLD]
+    clash = {t for t in templates for text in _every_filling(t) for pre in wd.POLITE if wd.uses_heldout(pre + text)}
+    assert clash == set(wd.SHADOWED)          # ...and those the corpus guard drops (next test)
+
+
+def test_sampled_corpus_never_uses_heldout_wordings_nor_image_framing(docs):
+    for d in docs:
+        assert not wd.uses_heldout(d), d
+        for f in ("<Img>", "<ImageHere>", "ImageContent", SYSTEM, SYSTEM[:40]):
+            assert f not in d
+        assert "<img" not in d.lower()
+        assert "is there anything" not in d.lower()         # wd.SHADOWED: dropped by the guard
+
+
+def test_corpus_has_a_chat_models_variety(docs):
+    text = "\n".join(docs)
+    humans = [h for d in docs for h in re.findall(r"###Human: ?(.*?) ?###Assistant", d, re.S)]
+    assert len({wd.normalize(h) for h in humans}) > 2000       # the old corpus: one wording per kind
+    for marker in ("colour", "color", "picture", "image", "photo", "Can you tell me", "Please, ",
+                   "There is no ", "Yes, there is", "No, there is no", "And the ", "Where is it",
+                   "Once upon a time", "Buy the new", "I only know about the shapes", "\n"):
+        assert marker in text, marker
+    assert any(h == h.lower() and h[0].isalpha() for h in humans)                 # lower case
+    assert any(not h.endswith(("?", ".", "!", "]", ")")) for h in humans)        # no question mark
+    turns = [d.count("###Human:") for d in docs if "###Human:" in d]
+    assert sum(t >= 5 for t in turns) > 0.25 * len(turns)                        # long enough for 5 turns
+    answers = [a for d in docs for a in re.findall(r"###Assistant: ?(.*?)###", d, re.S)]
+    yes = sum(a.startswith("Yes,") for a in answers)
+    no = sum(a.startswith("No,") for a in answers)
+    assert 0.4 < yes / (yes + no) < 0.6                                          # balanced yes / no
+    assert not any(f in a for a in answers for f in ("free download", "stock image", "none none"))
+
+
+def test_every_question_is_answered_truly():
+    rng = random.Random(0)
+    for split in ("corpus", "heldout"):
+        asked = [q for s in sw.split("val", 200) for q in wd.questions(s, rng, split)]
+        assert {q.kind for q in asked} == set(wd.KINDS)
+        assert accuracy_by_kind([q.answer for q in asked], asked)["all"] == 1.0   # its own answer is right
+    s = sw.Scene((sw.Obj("circle", "red", "large", "left"),), "gray")
+    q = wd.attribute_question(s, "colour", "square", "What color is the {s}?", rng)
+    assert (q.kind, q.answer) == ("absent", "There is no square.")
+    assert not asked_correct("The square is red.", q) and asked_correct("There is no square.", q)
+    q = wd.attribute_question(s, "colour", "circle", "What color is the {s}?", rng)
+    assert asked_correct("The circle is red.", q) and not asked_correct("The circle is red or blue.", q)
+    neg = wd.yes_no(s, rng, "Is there a {c} {s}?", positive=False, negative_from="adversarial")
+    assert neg.text.endswith("circle?") and "red" not in neg.text and neg.value == "no"
+
+
+def test_follow_ups_refer_to_the_previous_turn():
+    rng = random.Random(2)
+    s = sw.Scene((sw.Obj("circle", "red", "large", "left"), sw.Obj("star", "blue", "small", "right")), "white")
+    last = wd.attribute_question(s, "colour", "circle", "What color is the {s}?", rng)
+    seen = set()
+    for _ in range(200):
+        f = corpus._follow_up(s, last, rng)
+        assert asked_correct(f.answer, f), f
+        if f.shape == "circle":                      # "where is it?" / "how big is it?": the circle
+            assert f.kind in ("size", "position") and "circle" in f.answer
+        seen.add(f.text.split()[0])
+    assert {"And", "Where", "How"} & seen
