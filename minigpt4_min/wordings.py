@@ -209,9 +209,8 @@ def ask(scene: sw.Scene, kind: str, rng: random.Random, split: str = "corpus") -
         missing = [s for s in sw.SHAPES if not counts[s]]
         if not missing:
             return None
-        attr = "colour" if "colo" in wording else "size" if ("size" in wording or "large" in wording
-                                                              or "big" in wording) else "position"
-        return attribute_question(scene, attr, rng.choice(missing), wording, rng)
+        # the shape is not there: "There is no ...", whichever attribute the wording asks for
+        return attribute_question(scene, "colour", rng.choice(missing), wording, rng)
     if kind == "count":
         n = len(scene.objects)
         return Asked(fill(wording, rng), count_answer(n), kind, sw.COUNT_WORDS[n])
