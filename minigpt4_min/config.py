@@ -37,6 +37,7 @@ class ModelConfig:
     llm_path: str = ""                # HF-format LLM folder (weights + tokenizer)
     proj_group: int = 1               # Llama-2 variant: 4 adjacent patch tokens -> 1 token
     vit_dtype: str = "float32"        # the paper runs the ViT in fp16 on GPUs
+    ln_vision_eps: float | None = None  # LAVIS's ln_vision is nn.LayerNorm's 1e-5; None = the ViT's eps
     llm_dtype: str = "float32"
     prompt_template: str = VICUNA_TEMPLATE
     end_sym: str = "###"
@@ -113,16 +114,16 @@ PRESETS: dict[str, ModelConfig] = {
                         llm_path=str(DATA_DIR / "tiny" / "llm"), context_len=512),
     "vicuna7b": ModelConfig("vicuna7b", 224, EVA_VIT_G, BLIP2_QFORMER, 32, VICUNA_7B,
                             encoder_path="Salesforce/blip2-flan-t5-xxl", llm_path="vicuna-7b",
-                            vit_dtype="float16", llm_dtype="float16",
+                            vit_dtype="float16", llm_dtype="float16", ln_vision_eps=1e-5,
                             train_transform="random_resized_crop"),
     "vicuna13b": ModelConfig("vicuna13b", 224, EVA_VIT_G, BLIP2_QFORMER, 32, VICUNA_13B,
                              encoder_path="Salesforce/blip2-flan-t5-xxl", llm_path="vicuna-13b",
-                             vit_dtype="float16", llm_dtype="float16",
+                             vit_dtype="float16", llm_dtype="float16", ln_vision_eps=1e-5,
                              train_transform="random_resized_crop"),
     "llama2-7b": ModelConfig("llama2-7b", 224, EVA_VIT_G, None, 0, LLAMA2_7B,
                              encoder_path="Salesforce/blip2-flan-t5-xxl",
                              llm_path="Llama-2-7b-chat-hf", proj_group=4,
-                             vit_dtype="float16", llm_dtype="float16",
+                             vit_dtype="float16", llm_dtype="float16", ln_vision_eps=1e-5,
                              prompt_template=LLAMA2_TEMPLATE, end_sym="</s>",
                              train_transform="random_resized_crop"),
 }

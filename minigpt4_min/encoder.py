@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
+from .checkpoints import LAVIS_FILES, is_blip2_hf, load_strict, read_blip2_hf, read_lavis
 from .config import ModelConfig
 from .llm import freeze
 
@@ -31,6 +32,8 @@ class VisualEncoder(nn.Module):
         self.cfg = cfg
         # initializer_range defaults to 1e-10 in Blip2VisionConfig: weights would be ~0
         self.vision = Blip2VisionModel(Blip2VisionConfig(**cfg.vision, initializer_range=0.02))
+        if cfg.ln_vision_eps is not None:   # LAVIS's ln_vision: eps 1e-5, the ViT's own norms 1e-6
+            self.vision.post_layernorm.eps = cfg.ln_vision_eps
         self.qformer = None
         if cfg.qformer is not None:
             qcfg = Blip2QFormerConfig(**cfg.qformer)
@@ -45,11 +48,19 @@ class VisualEncoder(nn.Module):
 
     def vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1 + P, Wv): ViT tokens after ln_vision, computed in fp32."""
+        return self.ln_vision(self.vit_tokens(pixel_values))
+
+    def vit_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1 + P, Wv): the last ViT block's output, before ln_vision
+        (EVA has no final norm of its own), in the ViT's dtype."""
         v = self.vision
         dtype = next(v.encoder.parameters()).dtype
-        x = v.embeddings(pixel_values.to(dtype))
-        x = v.encoder(inputs_embeds=x).last_hidden_state
-        ln = v.post_layernorm
+        x = v.embeddings(pixel_values.to(dtype))                        # (B, 1 + P, Wv)
+        return v.encoder(inputs_embeds=x).last_hidden_state
+
+    def ln_vision(self, x: torch.Tensor) -> torch.Tensor:
+        """LAVIS's ln_vision (transformers' `post_layernorm`), always computed in fp32."""
+        ln = self.vision.post_layernorm
         return nn.functional.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(),
                                         ln.bias.float(), ln.eps)
 
@@ -93,17 +104,31 @@ class VisualEncoder(nn.Module):
     def load(cls, cfg: ModelConfig, folder: str | Path | None = None) -> "VisualEncoder":
         """Build the encoder for `cfg` and load its frozen weights.
 
-        `folder` (default `cfg.encoder_path`) is either one written by `save` (tiny scale)
-        or a transformers BLIP-2 checkpoint (e.g. Salesforce/blip2-flan-t5-xxl), from which
-        only `vision_model.*`, `qformer.*` and `query_tokens` are read.
+        `folder` (default `cfg.encoder_path`) is one written by `save` (tiny scale), a
+        transformers BLIP-2 checkpoint (e.g. Salesforce/blip2-flan-t5-xxl), from which only
+        `vision_model.*`, `qformer.*` and `query_tokens` are read, or a folder holding LAVIS's
+        `eva_vit_g.pth` and `blip2_pretrained_flant5xxl.pth` (see `from_lavis`).
         """
         folder = Path(folder or cfg.encoder_path)
+        eva, blip2 = (folder / f for f in LAVIS_FILES)
+        if eva.exists() and (blip2.exists() or cfg.qformer is None):   # Llama-2: the ViT file only
+            return cls.from_lavis(cfg, eva, blip2 if cfg.qformer is not None else None)
         enc = cls(cfg)
-        if (folder / "model.safetensors").exists() and not _is_blip2_hf(folder):
+        if (folder / "model.safetensors").exists() and not is_blip2_hf(folder):
             sd = load_file(str(folder / "model.safetensors"))
         else:
-            sd = _read_blip2_hf(folder, want_qformer=cfg.qformer is not None)
-        _load_strict(enc, sd, folder)
+            sd = read_blip2_hf(folder, want_qformer=cfg.qformer is not None)
+        load_strict(enc, sd, folder)
+        return freeze(enc.to_config_dtypes())
+
+    @classmethod
+    def from_lavis(cls, cfg: ModelConfig, eva_vit: str | Path,
+                   blip2: str | Path | None = None) -> "VisualEncoder":
+        """The encoder from LAVIS's files, as MiniGPT-4 builds it: the ViT (first
+        `num_hidden_layers` blocks) from `eva_vit_g.pth`; ln_vision, the Q-Former's query path
+        and the query tokens from `blip2_pretrained_flant5xxl.pth` (`checkpoints.read_lavis`)."""
+        enc = cls(cfg)
+        enc.load_state_dict(read_lavis(enc, eva_vit, blip2), strict=True)
         return freeze(enc.to_config_dtypes())
 
     def to_config_dtypes(self) -> "VisualEncoder":
@@ -113,48 +138,3 @@ class VisualEncoder(nn.Module):
         self.vision.post_layernorm.float()
         return self
 
-
-def _is_blip2_hf(folder: Path) -> bool:
-    cfg = folder / "config.json"
-    return cfg.exists() and json.loads(cfg.read_text()).get("model_type", "").startswith("blip")
-
-
-def _read_blip2_hf(folder: Path, want_qformer: bool) -> dict[str, torch.Tensor]:
-    """Read the encoder's tensors from a transformers BLIP-2 checkpoint (sharded or not)."""
-    if not folder.exists():
-        raise FileNotFoundError(f"encoder folder {folder} does not exist")
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in folder.glob("*.safetensors")]
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder} (expected a BLIP-2 checkpoint)")
-    from safetensors import safe_open
-    rename = {"vision_model.": "vision."}
-    if want_qformer:
-        rename.update({"qformer.": "qformer.", "query_tokens": "query_tokens"})
-    sd = {}
-    for f in files:
-        with safe_open(str(folder / f), framework="pt") as fh:
-            for k in fh.keys():
-                for src, dst in rename.items():
-                    if k.startswith(src):
-                        sd[dst + k[len(src):]] = fh.get_tensor(k)
-    return sd
-
-
-def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], where: Path) -> None:
-    """Load every parameter, checking names and shapes; name what is missing or wrong."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or bad:
-        raise ValueError(f"encoder weights in {where} do not fit the config: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                         f"shape mismatches {bad[:5]}")
-    if unexpected:
-        raise ValueError(f"encoder weights in {where} hold unexpected tensors {unexpected[:5]}")
-    module.load_state_dict(sd, strict=True)

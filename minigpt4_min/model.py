@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoints import read_projection, write_projection
 from .config import ModelConfig
 from .encoder import VisualEncoder
 from .llm import load_llm
@@ -86,29 +87,22 @@ class MiniGPT4(nn.Module):
         released MiniGPT-4 `.pth` (`{"model": {...}}`, read with weights_only=True), and
         record the file in `projection_source` (None until then: the projection is random)."""
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir():                                  # a trainer checkpoint folder
             path = path / "model.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"projection checkpoint {path} does not exist")
-        if path.suffix == ".safetensors":
-            sd = load_file(str(path))
-        else:
-            try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - name the file, whatever went wrong
-                raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
-            sd = obj.get("model", obj) if isinstance(obj, dict) else {}
-        w, b = sd.get("llama_proj.weight"), sd.get("llama_proj.bias")
-        if w is None or b is None:
-            raise ValueError(f"{path} holds no llama_proj.weight / llama_proj.bias "
-                             f"(keys: {sorted(sd)[:8]})")
+        sd = read_projection(path)
+        w, b = sd["llama_proj.weight"], sd["llama_proj.bias"]
         if w.shape != self.llama_proj.weight.shape or b.shape != self.llama_proj.bias.shape:
-            raise ValueError(f"{path}: llama_proj is {tuple(w.shape)}, this model needs "
-                             f"{tuple(self.llama_proj.weight.shape)} ({self.cfg.name})")
+            raise ValueError(f"{path}: llama_proj is {tuple(w.shape)} (bias {tuple(b.shape)}), this "
+                             f"model needs {tuple(self.llama_proj.weight.shape)} ({self.cfg.name})")
         with torch.no_grad():
             self.llama_proj.weight.copy_(w)
             self.llama_proj.bias.copy_(b)
         self.projection_source = str(path)
+
+    def export_projection(self, path: str | Path) -> Path:
+        """Write `llama_proj` as a released MiniGPT-4 checkpoint (`{"model": {...}}` .pth), the
+        file the official demo's `ckpt:` setting loads."""
+        return write_projection(path, self.llama_proj.weight, self.llama_proj.bias)
 
     # ------------------------------------------------------------- embeddings
     @property

@@ -39,8 +39,10 @@ def blip2_checkpoint(tmp_path):
 def test_loads_blip2_checkpoint_and_matches_transformers(blip2_checkpoint):
     folder, ref = blip2_checkpoint
     assert len(list(folder.glob("*.safetensors"))) > 1, "want a sharded checkpoint"
+    # transformers' own BLIP-2 uses the ViT's eps in post_layernorm; the presets use LAVIS's
+    # ln_vision eps (1e-5), checked against LAVIS in test_checkpoints.py
     cfg = get_config("vicuna7b", image_size=32, vision=VISION, qformer=QFORMER, num_query_tokens=4,
-                     vit_dtype="float32", encoder_path=str(folder))
+                     vit_dtype="float32", encoder_path=str(folder), ln_vision_eps=None)
     enc = VisualEncoder.load(cfg)
     assert not any(p.requires_grad for p in enc.parameters()) and not enc.training
     x = torch.randn(2, 3, 32, 32)
@@ -55,7 +57,8 @@ def test_loads_blip2_checkpoint_and_matches_transformers(blip2_checkpoint):
 
 def test_llama2_variant_groups_four_patches(blip2_checkpoint):
     folder, ref = blip2_checkpoint
-    cfg = get_config("llama2-7b", image_size=32, vision=VISION, vit_dtype="float32", encoder_path=str(folder))
+    cfg = get_config("llama2-7b", image_size=32, vision=VISION, vit_dtype="float32", encoder_path=str(folder),
+                     ln_vision_eps=None)
     enc = VisualEncoder.load(cfg)
     assert enc.qformer is None
     x = torch.randn(1, 3, 32, 32)
