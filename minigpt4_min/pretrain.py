@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llm-loss", choices=("all", "answers"), default="all",
                     help="LLM loss on every token, or on answers and captions only (corpus.answer_spans)")
+    ap.add_argument("--llm-doc-mask", action="store_true",
+                    help="each packed document attends to itself only (position ids restart per document)")
     ap.add_argument("--device", default="cpu", help="where the LLM trains (cpu, cuda); the encoder trains on the CPU")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -238,12 +240,12 @@ def main(argv: list[str] | None = None) -> dict:
         init = a.llm_init
         if init is None:
             parts["llm"] = pretrain_llm(a.out, a.llm_steps, a.seed, device=a.device,
-                                        answers_only=a.llm_loss == "answers")
+                                        answers_only=a.llm_loss == "answers", doc_mask=a.llm_doc_mask)
             print("llm phase 1:", json.dumps(parts["llm"]))
             init = a.out / "llm"
         if a.llm_continue_steps:
             parts["llm"] = pretrain_llm(a.out, a.llm_continue_steps, a.seed, init=init, device=a.device,
-                                        answers_only=a.llm_loss == "answers")
+                                        answers_only=a.llm_loss == "answers", doc_mask=a.llm_doc_mask)
             print("llm phase 2:", json.dumps(parts["llm"]))
     return write_manifest(a.out, parts, a.seed)
 

@@ -14,6 +14,16 @@ record (re-description 0.35 at step 2,000, 0.97 at 3,000, measured on 40 validat
 long before it binds each colour to its shape (colour questions 0.64 in the corpus's own
 wordings after 4,000 steps, on 300): the second phase is for that.
 
+Binding is what this LLM still lacks. Shipped, it answers "What color is the circle?" right
+in 48 % of two- and three-object validation scenes (its size in 70 %): it knows which colours
+a scene has, not whose. Measured and not kept: 500 more steps on attribute questions (loss
+on answers only) left its held-out colour score at 0.53 (40 scenes); 250 steps on a mix of
+half quizzes (one attribute of every object in turn) at 0.50 in those scenes; a whole
+4,000-step phase from scratch with 35 % quizzes ended at 0.46 (held-out wordings 0.74 in
+all). The LLM shipped before issue 12 (width 192, 256-token rows) bound colours (0.92). Not
+yet tried: `doc_mask`, which stops a packed document from attending to the other scenes'
+notes in its 512-token row (about four of them), where a "circle" of another scene answers.
+
 The run saves itself every 250 steps (`llm_checkpoint/`: weights, tokenizer, AdamW
 moments, step) and, started again with the same arguments, resumes exactly there.
 Quality is measured on validation scenes: re-description, questions per kind in the
@@ -128,17 +138,23 @@ LLM_BLOCK = 512          # a 5-turn chat with an image and 120 new tokens fits (
 
 
 def pack_documents(tok, rng: random.Random, rows: int, block: int,
-                   answers_only: bool = False) -> dict[str, torch.Tensor]:
+                   answers_only: bool = False, doc_mask: bool = False) -> dict[str, torch.Tensor]:
     """Fill `rows` rows of `block` tokens with WHOLE documents (BOS-separated), pad the rest.
 
     Packing avoids wasting half of every batch on padding; keeping documents whole means
     no row ever starts mid-conversation, without the scene it talks about. `labels` are the
     ids, -100 on padding; with `answers_only`, also -100 on everything but the answers and
     captions (`corpus.answer_spans`; a token counts when it starts inside one).
+
+    With `doc_mask`, also `position_ids` that restart at 0 with every document (the padding
+    is a segment of its own): given them and no attention mask, transformers makes the
+    causal mask block-diagonal, so a document attends to itself only, as a chat does at
+    inference, and never to another scene's notes in the same row.
     """
     ids = torch.full((rows, block), tok.pad_token_id)
     mask = torch.zeros(rows, block, dtype=torch.long)
     labels = torch.full((rows, block), -100)
+    pos = torch.zeros(rows, block, dtype=torch.long)
     for r in range(rows):
         used = 0
         while True:
@@ -158,8 +174,11 @@ def pack_documents(tok, rng: random.Random, rows: int, block: int,
             ids[r, used:used + len(t)] = t
             mask[r, used:used + len(t)] = 1
             labels[r, used:used + len(t)] = t_lab
+            pos[r, used:used + len(t)] = torch.arange(len(t))
             used += len(t)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        pos[r, used:] = torch.arange(block - used)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {**out, "position_ids": pos} if doc_mask else out
 
 
 def _save_llm_checkpoint(folder: Path, model, tok, opt, params, state: dict) -> None:
@@ -198,7 +217,7 @@ def _load_llm_checkpoint(folder: Path, opt, params, device: str) -> dict:
 
 def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
                  init: Path | None = None, device: str = "cpu", answers_only: bool = False,
-                 ckpt_every: int = 250) -> dict:
+                 ckpt_every: int = 250, doc_mask: bool = False) -> dict:
     """Pretrain the miniature LLM from scratch, or (`init`) continue training a saved one
     with a fresh warmup + cosine at `LLM_CONTINUE`'s lower learning rate.
 
@@ -215,7 +234,8 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
         tc = LLM_CONTINUE.replace(max_steps=steps, warmup_steps=min(50, steps // 5), seed=seed + 1)
     state = json.loads((ckpt / "trainer_state.json").read_text()) if (ckpt / "trainer_state.json").exists() else None
     if state is not None and (state["train"] != json.loads(json.dumps(asdict(tc)))
-                              or state["init"] != (str(init) if init else None)):
+                              or state["init"] != (str(init) if init else None)
+                              or state.get("doc_mask", False) != doc_mask):
         print(f"{ckpt} belongs to another run (its recipe differs): starting afresh")
         state = None
     if state is not None:
@@ -243,9 +263,11 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
         rng = random.Random(tc.seed * 1_000_003 + step)
-        batch = pack_documents(tok, rng, tc.batch_size, LLM_BLOCK, answers_only)
+        batch = pack_documents(tok, rng, tc.batch_size, LLM_BLOCK, answers_only, doc_mask)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
+        # with doc_mask: position_ids, no attention mask and no cache -> a block-diagonal causal mask
+        loss = model(**{k: v for k, v in batch.items() if not (doc_mask and k == "attention_mask")},
+                     use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -262,7 +284,7 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
             _save_llm_checkpoint(ckpt, model, tok, opt, params, {
                 "step": step + 1, "tokens_seen": n_tok, "seconds": time.time() - t0,
-                "train": asdict(tc), "init": str(init) if init else None})
+                "train": asdict(tc), "init": str(init) if init else None, "doc_mask": doc_mask})
     model.eval()
     seconds = time.time() - t0
     val = sw.split("val", n_eval)
@@ -276,7 +298,7 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
                "steps": steps, "seconds": round(seconds, 1),
                "init": str(init) if init else None, "block": LLM_BLOCK,
                "tokens_seen": n_tok, "params": sum(p.numel() for p in model.parameters()),
-               "vocab_size": len(tok), "answers_only": answers_only, "train": asdict(tc),
+               "vocab_size": len(tok), "answers_only": answers_only, "doc_mask": doc_mask, "train": asdict(tc),
                "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"}
     model.cpu().save_pretrained(str(out / "llm"))
     tok.save_pretrained(str(out / "llm"))

@@ -114,3 +114,33 @@ def test_llm_pretraining_resumes_exactly_after_an_interruption(tmp_path, monkeyp
     a = load_file(str(tmp_path / "whole" / "llm" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "llm" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_doc_mask_keeps_packed_documents_apart():
+    """With doc_mask, a document packed after others gets exactly the logits it gets alone
+    (it attends to itself only); packed without it, it reads the documents before it."""
+    import random
+
+    import transformers
+
+    from minigpt4_min.config import DATA_DIR
+    from minigpt4_min.llm import load_tokenizer, tiny_llm_config
+    tok = load_tokenizer(DATA_DIR / "tiny" / "llm")
+    torch.manual_seed(0)
+    spec = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(tiny_llm_config(len(tok), tok, spec)).eval()
+    packed = pretrain_llm.pack_documents(tok, random.Random(5), 1, 256, doc_mask=True)
+    pos = packed["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    assert len(starts) >= 3                         # at least two documents and the padding
+    a, b = starts[1], starts[2]                     # the second document
+    assert torch.equal(pos[a:b], torch.arange(b - a))
+    with torch.no_grad():
+        alone = model(input_ids=packed["input_ids"][:, a:b]).logits[0]
+        masked = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                       use_cache=False).logits[0, a:b]
+        mixed = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"]).logits[0, a:b]
+    assert (masked - alone).abs().max() < 1e-4
+    assert (mixed - alone).abs().max() > 1e-3
+    assert "position_ids" not in pretrain_llm.pack_documents(tok, random.Random(5), 1, 256)
