@@ -12,7 +12,8 @@ classes), then:
   template, long answers cut to 160 tokens, end symbol `###`);
 - generation: 300 new tokens for one image, greedy and 5 beams, with the KV cache
   (EOS suppressed by `min_new_tokens`, so every run does the same work).
-It records the peak GPU memory, seconds per training step (steps 3 onwards: the first two
+It records the peak GPU memory (beside `memory.estimate`'s for the same sizes and the
+sequence lengths the batches had), seconds per training step (steps 3 onwards: the first two
 include CUDA's warm-up), new tokens/s, and checks that the frozen weights did not change
 and that only `llama_proj` got gradients. The LLaMA tokenizer is stood in for by the
 tiny scale's (its ids fit any 32,000-word vocabulary); the loss values mean nothing.
@@ -32,6 +33,7 @@ import time
 import torch
 import transformers
 
+from minigpt4_min import memory
 from minigpt4_min import shapesworld as sw
 from minigpt4_min.config import DATA_DIR, STAGE1, STAGE2, ModelConfig, get_config
 from minigpt4_min.encoder import VisualEncoder
@@ -119,8 +121,21 @@ def measure(cfg: ModelConfig, device: str = "cuda", steps: int = 8, batch1: int 
         return {"images": torch.randn(b2, 3, S, S, generator=g), "answers": descs[step * b2 % 448:][:b2],
                 "prompts": [PROMPT] * b2, "max_txt_len": cfg.max_txt_len_stage2, "end_sym": cfg.end_sym}
 
-    r["stage1"] = dict(timed(STAGE1["full"], stage1_batch), batch=b1)
-    r["stage2"] = dict(timed(STAGE2["full"], stage2_batch), batch=b2)
+    def lengths(answers, max_len, end_sym, prompt=None):
+        """prompt_tokens, text_tokens (the longest answer of any step's batch) for memory.py"""
+        before, after = model.prompt_segments(prompt)
+        return {"prompt_tokens": len(before) + len(after),
+                "text_tokens": max(len(model.answer_ids(a, max_len, end_sym)) for a in answers)}
+
+    def seen(pool, b):
+        return [a for step in range(steps) for a in pool[step * b % 448:][:b]]
+
+    for stage, tc, fn, b, L in (
+            (1, STAGE1["full"], stage1_batch, b1, lengths(seen(caps, b1), cfg.max_txt_len_stage1, "\n")),
+            (2, STAGE2["full"], stage2_batch, b2, lengths(seen(descs, b2), cfg.max_txt_len_stage2, cfg.end_sym,
+                                                          PROMPT))):
+        est = memory.estimate(cfg, stage, b, **L).peak_gib
+        r[f"stage{stage}"] = dict(timed(tc, fn), batch=b, **L, estimate_gib=est)
     r["frozen_unchanged"] = all(torch.equal(v, p.detach().flatten()[:1000]) for v, p in zip(before, watched))
     r["proj_grad_only"] = all(p.grad is None for n, p in model.named_parameters()
                               if not n.startswith("llama_proj"))
@@ -128,6 +143,8 @@ def measure(cfg: ModelConfig, device: str = "cuda", steps: int = 8, batch1: int 
     img = torch.randn(1, 3, S, S, generator=torch.Generator().manual_seed(1))
     for beams in (1, 5):
         sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         with torch.no_grad():
             emb, mask = model.build_generation_inputs(model.embed_images(img), [PROMPT])
@@ -136,11 +153,17 @@ def measure(cfg: ModelConfig, device: str = "cuda", steps: int = 8, batch1: int 
                                use_cache=True, pad_token_id=model.tokenizer.pad_token_id)
         sync()
         s = time.time() - t0
+        ctx = emb.shape[1] + out.shape[1]
         r[f"generate_beams{beams}"] = {"new_tokens": out.shape[1], "s": round(s, 2),
-                                       "tok_per_s": round(out.shape[1] / s, 1)}
+                                       "tok_per_s": round(out.shape[1] / s, 1), "peak_gib": peak_gib(),
+                                       "context_tokens": ctx, "estimate_gib": memory.estimate(
+                                           cfg, "chat", beams=beams, context_tokens=ctx,
+                                           new_tokens=out.shape[1]).peak_gib}
     r["generate_api_chars"] = len(model.generate([PROMPT], images=img,
                                                  settings=GenerationSettings(max_new_tokens=40))[0])
-    r["peak_gib_all"] = peak_gib()
+    peaks = [r["stage1"]["peak_gib"], r["stage2"]["peak_gib"], r["generate_beams1"]["peak_gib"],
+             r["generate_beams5"]["peak_gib"], peak_gib()]
+    r["peak_gib_all"] = max(peaks) if cuda else None
     return r
 
 

@@ -9,6 +9,7 @@ DESIGN.md §2); `tiny` is the project's miniature of the same architecture.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,11 @@ class ModelConfig:
     train_transform: str = "resize"   # "random_resized_crop" at full scale
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
+    # the official demo's `low_resource: True` (its eval configs): the LLM in 8-bit through
+    # bitsandbytes on GPU `device_8bit`, the ViT and ln_vision on the CPU in fp32 (CUDA only;
+    # `pip install 'minigpt4-min[gpu]'`; llm.load_llm, MiniGPT4.from_config, memory.py)
+    low_resource: bool = False
+    device_8bit: int = 0
 
     @property
     def vision_width(self) -> int:
@@ -81,6 +87,22 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10
     ckpt_every: int = 0               # 0 = only at the end
+    # memory (memory.py): `batch_size` is the MICRO-batch; one optimizer step accumulates
+    # `accum_steps` of them, so the global batch is batch_size x accum_steps (x GPUs), e.g.
+    # batch 8 x 4 = 32. The update equals one batch of that size (train.Trainer).
+    accum_steps: int = 1
+    grad_checkpointing: bool = False  # recompute the frozen LLM's activations in backward
+
+    def __post_init__(self):
+        for name in ("batch_size", "accum_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step on one process: batch_size x accum_steps."""
+        return self.batch_size * self.accum_steps
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)

@@ -323,7 +323,7 @@ def _decode_sample(raw: dict) -> Sample:
 
 
 def read_shards(urls, stats: ShardStats | None = None, *,
-                split_by_node: bool = False) -> Iterator[Sample]:
+                split_by_node: bool = False, split_by_worker: bool = False) -> Iterator[Sample]:
     """Iterate the samples of webdataset shards, in order, as decoded `Sample`s.
 
     `urls`: a directory (its `*.tar`, sorted), a brace pattern (`data/s-{000..009}.tar`) or
@@ -334,10 +334,13 @@ def read_shards(urls, stats: ShardStats | None = None, *,
     `stats.empty_shards` and warned about (`EmptyShardWarning`). Each shard's file is
     closed when it has been read, or when the caller stops early (`close()`, or the
     iterator is collected). With `split_by_node`, each distributed rank reads its own
-    subset of the shards.
+    subset of the shards (webdataset's `split_by_node`: shards rank, rank + world, ...);
+    with `split_by_worker` too, each DataLoader worker of a rank reads its own subset of
+    the rank's (`split_by_worker`), so no shard is read twice by ranks x workers.
     """
     found = shard_urls(urls)
-    return _iter_samples(found, stats if stats is not None else ShardStats(), split_by_node)
+    return _iter_samples(found, stats if stats is not None else ShardStats(), split_by_node,
+                         split_by_worker)
 
 
 def _raw_samples(url: str) -> Iterator[dict]:
@@ -353,11 +356,13 @@ def _raw_samples(url: str) -> Iterator[dict]:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], eof_value=None))
 
 
-def _iter_samples(urls: list[str], stats: ShardStats, split_by_node: bool) -> Iterator[Sample]:
+def _iter_samples(urls: list[str], stats: ShardStats, split_by_node: bool,
+                  split_by_worker: bool = False) -> Iterator[Sample]:
     import webdataset as wds
 
     nodesplitter = wds.split_by_node if split_by_node else wds.single_node_only
-    for url in nodesplitter(urls):
+    mine = nodesplitter(urls)
+    for url in (wds.split_by_worker(mine) if split_by_worker else mine):
         n = 0
         for raw in _raw_samples(url):
             n += 1

@@ -54,8 +54,8 @@ class VisualEncoder(nn.Module):
         """(B, 3, S, S) -> (B, 1 + P, Wv): the last ViT block's output, before ln_vision
         (EVA has no final norm of its own), in the ViT's dtype."""
         v = self.vision
-        dtype = next(v.encoder.parameters()).dtype
-        x = v.embeddings(pixel_values.to(dtype))                        # (B, 1 + P, Wv)
+        w = next(v.encoder.parameters())                                # the ViT's device and dtype
+        x = v.embeddings(pixel_values.to(w.device, w.dtype))            # (B, 1 + P, Wv)
         return v.encoder(inputs_embeds=x).last_hidden_state
 
     def ln_vision(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +74,8 @@ class VisualEncoder(nn.Module):
 
     def read_out(self, img: torch.Tensor, output_attentions: bool = False):
         """ViT tokens (B, 1+P, Wv) -> image features: Q-Former queries, or grouped patches."""
+        if self.qformer is not None:
+            img = img.to(self.query_tokens.device)                      # low_resource: ViT on the CPU
         if self.qformer is None:                                        # Llama-2 variant
             patches = img[:, 1:, :]                                     # (B, P, Wv)
             b, p, w = patches.shape
@@ -130,6 +132,17 @@ class VisualEncoder(nn.Module):
         enc = cls(cfg)
         enc.load_state_dict(read_lavis(enc, eva_vit, blip2), strict=True)
         return freeze(enc.to_config_dtypes())
+
+    def place(self, vit_device: str | torch.device, device: str | torch.device) -> "VisualEncoder":
+        """The official demo's low-resource layout: the ViT and ln_vision on `vit_device` in
+        fp32 (MiniGPT-4 moves them to the CPU and calls `.float()`), the Q-Former and the query
+        tokens on `device` (the GPU the 8-bit LLM is on). `forward` moves the ViT's tokens over."""
+        self.vision.to(vit_device, torch.float32)                       # ViT + post_layernorm (ln_vision)
+        if self.qformer is not None:
+            self.qformer.to(device)
+            q = self.query_tokens                                       # (1, Q, Hq)
+            self.query_tokens = nn.Parameter(q.detach().to(device), requires_grad=q.requires_grad)
+        return self
 
     def to_config_dtypes(self) -> "VisualEncoder":
         """The ViT in `cfg.vit_dtype` (fp16 at full scale, as the paper runs it), its final

@@ -63,13 +63,48 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def load_llm(path: str | Path, dtype: str = "float32") -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Load an HF-format LLaMA chat model + tokenizer from `path`, frozen, in eval mode."""
+BNB_MIN, ACCELERATE_MIN = "0.46.1", "1.1.0"     # transformers' own minimums for 8-bit loading
+
+
+def require_8bit() -> None:
+    """The official demo's `low_resource` mode needs a CUDA GPU, bitsandbytes and accelerate
+    (transformers' 8-bit loading and `device_map`). One error naming only what is missing."""
+    from transformers.utils import import_utils as iu
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False on this machine; "
+                       "bitsandbytes' 8-bit matmuls run on CUDA only)")
+    pkgs = [f"bitsandbytes >= {BNB_MIN}"] if not iu.is_bitsandbytes_available() else []
+    pkgs += [f"accelerate >= {ACCELERATE_MIN}"] if not iu.is_accelerate_available() else []
+    if pkgs:
+        missing.append(" and ".join(pkgs) + " (the optional GPU extra: pip install -e '.[gpu]')")
+    if missing:
+        raise RuntimeError("low_resource=True (the LLM in 8-bit, the ViT on the CPU) needs "
+                           + "; and ".join(missing))
+
+
+def from_pretrained_kwargs(dtype: str = "float32", low_resource: bool = False, device: int = 0) -> dict:
+    """What `LlamaForCausalLM.from_pretrained` is given: the dtype, and in low_resource mode
+    (the demo's `load_in_8bit=True, device_map={'': device_8bit}`) transformers'
+    `BitsAndBytesConfig(load_in_8bit=True)` with the whole model on GPU `device`."""
+    kw = {"dtype": getattr(torch, dtype)}
+    if low_resource:
+        from transformers import BitsAndBytesConfig
+        kw.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
+    return kw
+
+
+def load_llm(path: str | Path, dtype: str = "float32", low_resource: bool = False,
+             device: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Load an HF-format LLaMA chat model + tokenizer from `path`, frozen, in eval mode
+    (with `low_resource`: in 8-bit on GPU `device`, checked before any weight is read)."""
     path = Path(path)
+    if low_resource:
+        require_8bit()
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"no HF-format LLM at {path} (expected config.json, weights and tokenizer files). "
             "For the tiny scale run `python -m minigpt4_min.pretrain`; for the full scale pass "
             "the folder of a Vicuna / Llama-2-chat checkpoint.")
-    model = LlamaForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    model = LlamaForCausalLM.from_pretrained(str(path), **from_pretrained_kwargs(dtype, low_resource, device))
     return freeze(model), load_tokenizer(path)

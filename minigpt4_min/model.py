@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 
 from .checkpoints import read_projection, write_projection
 from .config import ModelConfig
@@ -50,6 +51,7 @@ class MiniGPT4(nn.Module):
         d_llm = llm.config.hidden_size
         self.llama_proj = nn.Linear(cfg.proj_in, d_llm)   # the ONLY trainable layer (kept in fp32)
         self.projection_source: str | None = None          # the file llama_proj was loaded from; None: random
+        self._checkpointing = False                        # set_gradient_checkpointing
         for m in (self.encoder, self.llm):                 # frozen, decided in one place
             for p in m.parameters():
                 p.requires_grad_(False)
@@ -57,26 +59,82 @@ class MiniGPT4(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, projection: str | Path | None = None) -> "MiniGPT4":
-        """Load the frozen parts named by `cfg` (and a trained projection, if given)."""
-        llm, tok = load_llm(cfg.llm_path, cfg.llm_dtype)
+        """Load the frozen parts named by `cfg` (and a trained projection, if given).
+
+        `cfg.low_resource` (the official demo's mode, CUDA only): the LLM in 8-bit on GPU
+        `cfg.device_8bit`, the ViT and ln_vision on the CPU in fp32, the Q-Former, the query
+        tokens and `llama_proj` on that GPU (`low_resource_layout`)."""
+        llm, tok = load_llm(cfg.llm_path, cfg.llm_dtype, cfg.low_resource, cfg.device_8bit)
         model = cls(cfg, VisualEncoder.load(cfg), llm, tok)
+        if cfg.low_resource:
+            model.low_resource_layout(torch.device("cuda", cfg.device_8bit))
         if projection:
             model.load_projection(projection)
         return model
+
+    def low_resource_layout(self, device: str | torch.device) -> "MiniGPT4":
+        """ViT + ln_vision on the CPU in fp32; the Q-Former, query tokens and `llama_proj` on
+        `device`, where the (8-bit) LLM already is: from_pretrained placed it (device_map), and
+        an 8-bit model may not be moved with `.to`, so nothing here touches it."""
+        self.encoder.place("cpu", device)
+        self.llama_proj.to(device)
+        return self
 
     # ------------------------------------------------------------- freezing
     def trainable_parameters(self):
         return [(f"llama_proj.{n}", p) for n, p in self.llama_proj.named_parameters()]
 
     def train(self, mode: bool = True) -> "MiniGPT4":
-        """Only the projection ever leaves eval mode; the frozen parts stay frozen."""
+        """Only the projection ever leaves eval mode; the frozen parts stay frozen.
+
+        One exception, a switch and nothing else: with gradient checkpointing on, the LLM's
+        decoder-layer containers themselves (not their attention / MLP / norm children) carry
+        `training=True`, because that flag is what makes transformers checkpoint a layer.
+        A LLaMA decoder layer reads no other flag of its own (dropout lives in its children,
+        which stay in eval mode), so the computed values do not change."""
         super().train(mode)
         self.encoder.eval()
         self.llm.eval()
+        if mode and self._checkpointing:
+            for layer in self._llm_layers():
+                layer.training = True                       # this module only, not recursive
         return self
 
     def train_mode(self) -> "MiniGPT4":
         return self.train(True)
+
+    # ------------------------------------------------------------- gradient checkpointing
+    def _llm_layers(self) -> list[nn.Module]:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        return [m for m in self.llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    def set_gradient_checkpointing(self, on: bool = True) -> "MiniGPT4":
+        """Recompute the frozen LLM's activations during backward instead of keeping them.
+
+        Training keeps, per decoder layer and token, what autograd saves to send the loss's
+        gradient back to `llama_proj` (memory.py: ~130 KB per layer and token at 7B in fp16);
+        with this on, only each layer's input is kept and the layer is run again in backward:
+        one more forward pass per step (about half again the compute, as backward here only
+        computes input gradients) for a fraction of the activation memory. transformers'
+        checkpointing with `use_reentrant=False`, which needs no input that requires grad
+        (ours do anyway: the image tokens come out of `llama_proj`); the frozen weights never
+        get a gradient either way. The gradient reaching `llama_proj` is the same."""
+        kw = {"use_reentrant": False}
+        if on:
+            if hasattr(self.llm, "activation_checkpointing_enable"):     # transformers >= 5.2x
+                self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            # transformers also hooks the token embedding so that its output requires grad
+            # (for models fed `input_ids`); ours is fed `inputs_embeds` and is frozen: remove it
+            self.llm.disable_input_require_grads()
+        elif self._checkpointing:
+            if hasattr(self.llm, "activation_checkpointing_disable"):
+                self.llm.activation_checkpointing_disable()
+            else:
+                self.llm.gradient_checkpointing_disable()
+        self._checkpointing = bool(on)
+        return self.train(self.training)
 
     # ------------------------------------------------------------- checkpoints
     def save_projection(self, path: str | Path) -> None:
@@ -156,7 +214,7 @@ class MiniGPT4(nn.Module):
         rows, labels = [], []
         for b in range(B):
             before, after = self.prompt_segments(prompts[b])
-            ans = self.tokenize(answers[b] + end_sym)[:max_txt_len]
+            ans = self.answer_ids(answers[b], max_txt_len, end_sym)
             pre = self.embed_ids([bos] + before)                                # (1+Tb, D)
             post = self.embed_ids(after + ans)                                  # (Ta+Tans, D)
             rows.append(torch.cat([pre, img_embeds[b], post]))
@@ -171,14 +229,39 @@ class MiniGPT4(nn.Module):
             lab[b, : len(r)] = torch.tensor(labels[b], device=self.device)
         return {"inputs_embeds": emb, "attention_mask": mask, "labels": lab}
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def answer_ids(self, answer: str, max_txt_len: int, end_sym: str) -> list[int]:
+        """The target tokens of one answer: `answer + end_sym`, cut to `max_txt_len`."""
+        return self.tokenize(answer + end_sym)[:max_txt_len]
+
+    def num_targets(self, batch: dict) -> int:
+        """How many answer tokens `loss(batch)` averages over (the labels that are not -100),
+        counted without running the model (the trainer's accumulation needs it first)."""
+        mx = batch.get("max_txt_len", self.cfg.max_txt_len_stage1)
+        end = batch.get("end_sym", "\n")
+        return sum(len(self.answer_ids(a, mx, end)) for a in batch["answers"])
+
+    def loss(self, batch: dict, token_divisor=None) -> torch.Tensor:
         """batch: {"feats" (B, N, Hq) or "images" (B, 3, S, S), "answers", optional
-        "prompts", "max_txt_len", "end_sym"} -> mean cross-entropy on the answers."""
+        "prompts", "max_txt_len", "end_sym"} -> mean cross-entropy on the answers.
+
+        `token_divisor(n)`, if given, maps this batch's number of answer tokens `n` (a 0-d
+        tensor) to what the summed token loss is divided by instead of `n` (the
+        distributed trainer divides by the global batch's count: `distributed.py`)."""
         img = self.embed_images(batch.get("images"), batch.get("feats"))
         inputs = self.build_inputs(img, batch["answers"], batch.get("prompts"),
                                    batch.get("max_txt_len", self.cfg.max_txt_len_stage1),
                                    batch.get("end_sym", "\n"))
-        return self.llm(**inputs).loss
+        labels = inputs.pop("labels")
+        # the decoder alone, then lm_head only where an answer token is predicted: the same
+        # loss as `self.llm(**inputs).loss`, without the (B, T, vocab) logits of the image
+        # and prompt positions (stage 1: ~2/3 of them at tiny scale), which nobody reads
+        h = self.llm.model(**inputs, use_cache=False).last_hidden_state    # (B, T, D)
+        target = labels[:, 1:]                                  # (B, T-1): position t predicts t+1
+        keep = target != -100
+        logits = self.llm.lm_head(h[:, :-1][keep]).float()      # (n, vocab)
+        total = F.cross_entropy(logits, target[keep], reduction="sum")
+        n = keep.sum()
+        return total / (n if token_divisor is None else token_divisor(n))
 
     # ------------------------------------------------------------- generation
     def build_generation_inputs(self, img_embeds: torch.Tensor | None, prompts: list[str]):

@@ -118,9 +118,7 @@ def encode_shards(model: MiniGPT4, urls: list[Path], cache_dir: str | Path | Non
     urls = [Path(u) for u in urls]
     cache = Path(cache_dir) / f"features-{_fingerprint(model, urls)}" if cache_dir else None
     if cache and (cache / "meta.json").exists():
-        meta = json.loads((cache / "meta.json").read_text())
-        return FeatureSet(load_file(str(cache / "feats.safetensors"))["feats"], meta["captions"],
-                          [sw.Scene.from_dict(s) if s else None for s in meta["scenes"]], meta["keys"])
+        return load_features(cache)
     proc = ImageProcessor(model.cfg, train=False)
     stats = stats if stats is not None else ShardStats()
     feats, caps, scenes, keys, buf = [], [], [], [], []
@@ -147,6 +145,19 @@ def encode_shards(model: MiniGPT4, urls: list[Path], cache_dir: str | Path | Non
                                    "scenes": [s.to_dict() if s else None for s in scenes]}))
         tmp.replace(cache / "meta.json")
     return fs
+
+
+def load_features(folder: str | Path) -> FeatureSet:
+    """A feature cache folder written by `encode_shards` (`features-<fingerprint>/`:
+    feats.safetensors (N, Q, Hq) + meta.json), e.g. to train on it from the command line."""
+    folder = Path(folder)
+    missing = [f for f in ("feats.safetensors", "meta.json") if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: not a feature cache of encode_shards (no {' / '.join(missing)}); "
+                                "expected a features-<fingerprint> folder, e.g. RUN_DIR/cache/features-...")
+    meta = json.loads((folder / "meta.json").read_text())
+    return FeatureSet(load_file(str(folder / "feats.safetensors"))["feats"], meta["captions"],
+                      [sw.Scene.from_dict(s) if s else None for s in meta["scenes"]], meta["keys"])
 
 
 @torch.no_grad()

@@ -7,6 +7,15 @@ mode. AdamW (0.9, 0.999), weight decay only on >= 2-D weights; linear warmup fro
 Checkpoints hold only the trained weights (safetensors) plus the optimizer moments and
 the step, so a resumed run continues exactly as an uninterrupted one: batches are drawn
 from a generator seeded by (seed, step), never from global random state.
+
+Memory (memory.py): `cfg.accum_steps` micro-batches of `cfg.batch_size` make one optimizer
+step (gradient accumulation), micro-batch k of step s drawn from the generator of
+(seed, s, k). The loss of each is its summed answer-token loss divided by the answer
+tokens of the whole step, so the accumulated gradient is that of ONE batch of
+batch_size x accum_steps: the mean over all its answer tokens (LAVIS instead divides each
+micro-batch's mean by accum_steps, the same number only when every micro-batch holds as
+many answer tokens). `cfg.grad_checkpointing` recomputes the frozen LLM's activations in
+backward (`MiniGPT4.set_gradient_checkpointing`).
 """
 from __future__ import annotations
 
@@ -42,16 +51,49 @@ def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], cfg: Tra
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.warmup_lr, betas=cfg.betas)
 
 
-def batch_generator(cfg: TrainConfig, step: int) -> torch.Generator:
-    """The random source of step `step`: depends only on (seed, step), so resuming is exact."""
-    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+def batch_generator(cfg: TrainConfig, step: int, micro: int = 0) -> torch.Generator:
+    """The random source of micro-batch `micro` of step `step`: depends only on (seed, step,
+    micro), so resuming is exact. Micro-batch 0 has the seed a step always had. torch's CPU
+    generator keeps only the low 32 bits of a seed, so micro-batches are set apart by an odd
+    32-bit constant (2^32 / golden ratio), not by a power of two: for k < 64 micro-batch k
+    of a step lands at least 3.4 x 10^7 steps away from any other step's seeds."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + micro * 0x9E3779B1)
+
+
+def concat_batches(batches: list[dict]) -> dict:
+    """Micro-batches -> the one batch they make: tensors concatenated on dim 0 (feats
+    (B_k, N, Hq) -> (sum B_k, N, Hq)), lists joined; any other field must be equal in all."""
+    out = {}
+    for k, v in batches[0].items():
+        vals = [b[k] for b in batches]
+        if isinstance(v, torch.Tensor):
+            out[k] = torch.cat(vals)
+        elif isinstance(v, list):
+            out[k] = [x for part in vals for x in part]
+        elif all(x == v for x in vals):
+            out[k] = v
+        else:
+            raise ValueError(f"micro-batches disagree on {k!r}: {vals}")
+    return out
+
+
+def accumulated(get_batch: Callable, cfg: TrainConfig) -> Callable:
+    """`get_batch` as a trainer with `cfg` sees it, one step at a time: the step's
+    `cfg.accum_steps` micro-batches concatenated into one batch of `cfg.global_batch`
+    (a trainer with accum_steps=1 fed this makes the same updates; tests prove it)."""
+    def get(step: int, g: torch.Generator | None = None) -> dict:
+        return concat_batches([get_batch(step, batch_generator(cfg, step, k))
+                               for k in range(cfg.accum_steps)])
+    return get
 
 
 class Trainer:
     """Train `model.llama_proj` on batches from `get_batch(step, generator)`.
 
     `model` must offer `trainable_parameters()` (named), `frozen_modules()` and
-    `loss(batch)`; `get_batch` returns whatever `model.loss` takes.
+    `loss(batch)`; `get_batch` returns whatever `model.loss` takes. With accum_steps > 1 also
+    `num_targets(batch)` and `loss(batch, token_divisor=...)`; with grad_checkpointing
+    `set_gradient_checkpointing(on)` (MiniGPT4 has them all).
     """
 
     def __init__(self, model, cfg: TrainConfig, get_batch: Callable, out_dir: str | Path | None = None):
@@ -62,6 +104,13 @@ class Trainer:
         others = [n for n, p in model.named_parameters() if p.requires_grad and n not in names]
         if others:
             raise RuntimeError(f"parameters outside the projection require grad: {others[:5]}")
+        if cfg.accum_steps > 1 and not hasattr(model, "num_targets"):
+            raise TypeError(f"accum_steps={cfg.accum_steps} needs a model with num_targets(batch) and "
+                            f"loss(batch, token_divisor=...) (MiniGPT4 has both); {type(model).__name__} "
+                            "has no num_targets: use accum_steps=1")
+        if cfg.grad_checkpointing and not hasattr(model, "set_gradient_checkpointing"):
+            raise TypeError(f"grad_checkpointing=True needs model.set_gradient_checkpointing; "
+                            f"{type(model).__name__} has none")
         self.opt = build_optimizer(self.params, cfg)
         self.step = 0
         self.history: list[dict] = []
@@ -101,9 +150,33 @@ class Trainer:
         self.step, self.history = state["step"], state["history"]
 
     # ------------------------------------------------------------- training
+    def micro_batches(self, step: int) -> list:
+        """The `accum_steps` micro-batches of `step`, each from its own seeded generator."""
+        return [self.get_batch(step, batch_generator(self.cfg, step, k)) for k in range(self.cfg.accum_steps)]
+
+    def accumulate_gradients(self) -> float:
+        """Backward through this step's micro-batches; returns the step's loss (the mean over
+        all its answer tokens). One micro-batch: `model.loss(batch)`, as always."""
+        batches = self.micro_batches(self.step)
+        if len(batches) == 1:
+            loss = self.model.loss(batches[0])
+            loss.backward()
+            return loss.item()
+        total = sum(self.model.num_targets(b) for b in batches)    # answer tokens of the step
+        if total == 0:
+            raise ValueError(f"step {self.step}: its {len(batches)} micro-batches hold no answer tokens")
+        val = 0.0
+        for b in batches:          # summed token loss / the step's tokens: the shares add up to the mean
+            loss = self.model.loss(b, token_divisor=lambda n: total)
+            loss.backward()
+            val += loss.item()
+        return val
+
     def train(self, max_steps: int | None = None, progress: bool = True) -> list[dict]:
         """Run until `max_steps` (default cfg.max_steps); returns the loss history."""
         end = min(max_steps or self.cfg.max_steps, self.cfg.max_steps)
+        if self.cfg.grad_checkpointing:
+            self.model.set_gradient_checkpointing(True)
         self.model.train_mode()
         bar = tqdm(total=end, initial=self.step, desc="train llama_proj", disable=not progress)
         t0, running = time.time(), None
@@ -111,13 +184,10 @@ class Trainer:
             lr = lr_at(self.step, self.cfg)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            batch = self.get_batch(self.step, batch_generator(self.cfg, self.step))
-            loss = self.model.loss(batch)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            val = self.accumulate_gradients()
             self.opt.step()
             self.step += 1
-            val = loss.item()
             running = val if running is None else 0.95 * running + 0.05 * val
             if self.step % self.cfg.log_every == 0 or self.step == end:
                 self.history.append({"step": self.step, "loss": val, "lr": lr,
@@ -127,6 +197,8 @@ class Trainer:
             if self.out_dir and self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
                 self.save(self.out_dir / f"step_{self.step:06d}")
         bar.close()
+        if self.cfg.grad_checkpointing:
+            self.model.set_gradient_checkpointing(False)
         if hasattr(self.model, "projection_source"):    # the chat then knows it is not random
             self.model.projection_source = f"trained in this session ({self.step} steps)"
         if self.out_dir:

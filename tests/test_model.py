@@ -251,3 +251,24 @@ def test_sampling_is_reproducible_with_a_seed_and_beams_run(random_model):
     assert m.generate(["<ImageHere>"], feats=_feats(m, 1), settings=one) == \
         m.generate(["<ImageHere>"], feats=_feats(m, 1), settings=GenerationSettings(max_new_tokens=8))
     assert isinstance(m.generate(["<ImageHere>"], feats=_feats(m, 1), settings=beam)[0], str)
+
+
+def test_loss_on_answer_positions_only_equals_the_llms_own(random_model):
+    """`loss` runs lm_head only where an answer token is predicted; it is the mean
+    cross-entropy the LLM computes over all logits, and its gradient reaches llama_proj
+    the same way (stage 1 and a prompted stage-2 batch)."""
+    m = random_model
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, m.cfg.num_query_tokens, m.cfg.proj_in, generator=g)
+    for batch in ({"feats": feats, "answers": ["a red circle", "two shapes", "a small blue star on the left"]},
+                  {"feats": feats, "answers": ["The circle is red.###"] * 3, "end_sym": "###",
+                   "prompts": ["###Human: <Img><ImageHere></Img> What color? ###Assistant: "] * 3}):
+        ours = m.loss(batch)
+        (g_ours,) = torch.autograd.grad(ours, m.llama_proj.weight)
+        inputs = m.build_inputs(m.embed_images(feats=batch["feats"]), batch["answers"], batch.get("prompts"),
+                                m.cfg.max_txt_len_stage1, batch.get("end_sym", "\n"))
+        theirs = m.llm(**inputs).loss
+        (g_theirs,) = torch.autograd.grad(theirs, m.llama_proj.weight)
+        assert abs(ours.item() - theirs.item()) < 1e-5
+        assert (g_ours - g_theirs).abs().max() < 1e-6
+        assert g_ours.abs().max() > 0
