@@ -58,8 +58,9 @@ def test_concat_batches_joins_rows_and_rejects_disagreeing_fields():
         concat_batches([a, {**b, "max_txt_len": 160}])
 
 
-def test_accumulation_4x2_gives_the_update_of_one_batch_of_8(random_model):
-    """3 AdamW steps of 4 micro-batches x 2 == 3 steps of the same 8 samples as one batch.
+def test_accumulation_8x4_gives_the_update_of_one_batch_of_32(random_model):
+    """3 AdamW steps of 4 micro-batches x 8 == 3 steps of the same 32 samples as one batch
+    (the issue's 8 x 4 = 32).
 
     float64: the two orders of summation differ by rounding only (~1e-16 relative), and
     Adam's first steps are ~lr * sign(grad), so in fp32 a gradient entry near zero could
@@ -67,9 +68,9 @@ def test_accumulation_4x2_gives_the_update_of_one_batch_of_8(random_model):
     1e-6 tolerance of the issue. (Measured in fp32 as well: see the gradient test below.)"""
     m = random_model.double()
     ref = copy.deepcopy(m)
-    cfg4 = _cfg(batch_size=2, accum_steps=4)
-    get2 = _batches(m, 2, torch.float64)
-    micro = [get2(0, batch_generator(cfg4, 0, k)) for k in range(4)]
+    cfg4 = _cfg(batch_size=8, accum_steps=4)
+    get8 = _batches(m, 8, torch.float64)
+    micro = [get8(0, batch_generator(cfg4, 0, k)) for k in range(4)]
     counts = [m.num_targets(b) for b in micro]
     assert len(set(counts)) > 1, f"the micro-batches should hold different token counts: {counts}"
     for b, n in zip(micro, counts):                        # num_targets = what the loss counts
@@ -77,10 +78,10 @@ def test_accumulation_4x2_gives_the_update_of_one_batch_of_8(random_model):
         assert (m.build_inputs(img, b["answers"], max_txt_len=32)["labels"] != -100).sum() == n
 
     start = _proj(m).clone()
-    h4 = Trainer(m, cfg4, get2).train(progress=False)
-    h1 = Trainer(ref, cfg4.replace(batch_size=8, accum_steps=1), accumulated(get2, cfg4)).train(progress=False)
+    h4 = Trainer(m, cfg4, get8).train(progress=False)
+    h1 = Trainer(ref, cfg4.replace(batch_size=32, accum_steps=1), accumulated(get8, cfg4)).train(progress=False)
     diff = (_proj(m) - _proj(ref)).abs().max().item()
-    print(f"accumulation 4 x 2 vs batch 8, 3 AdamW steps (float64): max |diff| = {diff:.2e}")
+    print(f"accumulation 8 x 4 vs batch 32, 3 AdamW steps (float64): max |diff| = {diff:.2e}")
     assert diff <= 1e-6, diff
     assert (_proj(m) - start).abs().max().item() > 1e-3, "the projection did not move"
     # the LLM's loss upcasts logits with .float(), i.e. fp32 even here: equal to fp32 rounding
