@@ -77,13 +77,17 @@ def concat_batches(batches: list[dict]) -> dict:
     return out
 
 
+def micro_batches(get_batch: Callable, cfg: TrainConfig, step: int) -> list:
+    """The `cfg.accum_steps` micro-batches of `step`, each from its own seeded generator."""
+    return [get_batch(step, batch_generator(cfg, step, k)) for k in range(cfg.accum_steps)]
+
+
 def accumulated(get_batch: Callable, cfg: TrainConfig) -> Callable:
     """`get_batch` as a trainer with `cfg` sees it, one step at a time: the step's
     `cfg.accum_steps` micro-batches concatenated into one batch of `cfg.global_batch`
     (a trainer with accum_steps=1 fed this makes the same updates; tests prove it)."""
     def get(step: int, g: torch.Generator | None = None) -> dict:
-        return concat_batches([get_batch(step, batch_generator(cfg, step, k))
-                               for k in range(cfg.accum_steps)])
+        return concat_batches(micro_batches(get_batch, cfg, step))
     return get
 
 
@@ -151,8 +155,8 @@ class Trainer:
 
     # ------------------------------------------------------------- training
     def micro_batches(self, step: int) -> list:
-        """The `accum_steps` micro-batches of `step`, each from its own seeded generator."""
-        return [self.get_batch(step, batch_generator(self.cfg, step, k)) for k in range(self.cfg.accum_steps)]
+        """The `accum_steps` micro-batches of `step` (`micro_batches`)."""
+        return micro_batches(self.get_batch, self.cfg, step)
 
     def accumulate_gradients(self) -> float:
         """Backward through this step's micro-batches; returns the step's loss (the mean over
