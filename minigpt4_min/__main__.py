@@ -1,6 +1,7 @@
 """Command line:
 
     python -m minigpt4_min series [--out DIR] [--ci] [--only 00 01]
+    python -m minigpt4_min series --gpu [--out runs/gpu] [--plumbing [--plumbing-dir DIR]] [--preflight]
     python -m minigpt4_min images [--out DIR] [--n N] [--size PX]
     python -m minigpt4_min shards --out DIR [--n N] [--shard-size K] [--split train]
     [torchrun --standalone --nproc_per_node N -m] minigpt4_min train --stage 1|2 --out DIR
@@ -33,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minigpt4_min", description=__doc__, formatter_class=raw)
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("series", help="run the notebook series end-to-end with papermill")
-    s.add_argument("--out", default="runs/series", help="output folder (notebooks, metrics)")
+    s.add_argument("--out", help="output folder (notebooks, metrics); default runs/series, with --gpu runs/gpu")
     s.add_argument("--ci", action="store_true", help="use the small parameters of notebooks/ci_params")
+    from .gpu_profile import add_arguments
+    add_arguments(s)                              # --gpu, --plumbing, --plumbing-dir, --preflight
     s.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 00 01")
     s.add_argument("--kernel", default="python3")
     i = sub.add_parser("images", help="write held-out ShapesWorld test images (PNG) to chat about")
@@ -64,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub, raw)
     a = ap.parse_args(argv)
     if a.cmd == "series":
+        from . import gpu_profile
         from .series import run_series
         try:
-            run_series(a.out, ci=a.ci, only=a.only, kernel=a.kernel)
-        except RuntimeError as e:
+            if a.gpu or a.plumbing or a.preflight or a.plumbing_dir:
+                gpu_profile.run_args(a)
+            else:
+                run_series(a.out or "runs/series", ci=a.ci, only=a.only, kernel=a.kernel)
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
             return _error(e)
     elif a.cmd == "images":
         return images(a.out, a.n, a.size)

@@ -254,3 +254,30 @@ def write_projection(path: str | Path, weight: torch.Tensor, bias: torch.Tensor)
              "llama_proj.bias": bias.detach().cpu().clone().contiguous()}
     torch.save({"model": model}, str(path))
     return path
+
+
+# ------------------------------------------------------------------ writing LAVIS's files
+def write_lavis(encoder: nn.Module, folder: str | Path, extra_blocks: int = 1) -> tuple[Path, Path]:
+    """`encoder`'s weights as LAVIS's two files in `folder`, the layout `read_lavis` reads
+    (the inverse of its key maps): `eva_vit_g.pth` a flat fp16 state dict with q / v biases
+    and `extra_blocks` more blocks than the encoder builds (EVA-CLIP-g has 40, BLIP-2 uses 39;
+    copies of the last), `blip2_pretrained_flant5xxl.pth` `{"model": {...}}` (fp32). For
+    plumbing runs with random weights (gpu_profile.py) and tests."""
+    cfg, own = encoder.cfg, {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    depth, width = cfg.vision["num_hidden_layers"], cfg.vision_width
+    eva = {k: own[ours] for k, ours in eva_keys(depth).items()}
+    for i in range(depth):
+        q, _, v = own[f"vision.encoder.layers.{i}.self_attn.qkv.bias"].split(width)   # (3W,) -> 3 x (W,)
+        eva[f"blocks.{i}.attn.q_bias"], eva[f"blocks.{i}.attn.v_bias"] = q, v
+    last = f"blocks.{depth - 1}."
+    for j in range(depth, depth + extra_blocks):
+        eva.update({f"blocks.{j}." + k[len(last):]: t for k, t in list(eva.items()) if k.startswith(last)})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    eva_path, blip2_path = (folder / f for f in LAVIS_FILES)
+    torch.save({k: t.half().contiguous() for k, t in eva.items()}, str(eva_path))
+    if cfg.qformer is not None:
+        q = cfg.qformer
+        keymap = blip2_keys(q["num_hidden_layers"], q.get("cross_attention_frequency", 2))
+        torch.save({"model": {k: own[ours].float().contiguous() for k, ours in keymap.items()}}, str(blip2_path))
+    return eva_path, blip2_path

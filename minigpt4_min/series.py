@@ -10,6 +10,7 @@ project (`benchmarks/results/series_reference.json`), flagged where it drifts.
 
     python -m minigpt4_min series --out runs/series          # full quality (defaults)
     python -m minigpt4_min series --out runs/ci --ci         # small parameters (CI)
+    python -m minigpt4_min series --gpu                      # the GPU profile (gpu_profile.py)
     python -m minigpt4_min.series reference runs/series      # make that run the reference
 """
 from __future__ import annotations
@@ -217,20 +218,27 @@ def check_order(out_dir: Path, chosen: list[Path]) -> None:
                                f"the series into this folder first")
 
 
+def chosen_notebooks(only: list[str] | None = None) -> list[Path]:
+    """The notebooks whose names start with a prefix in `only` (all without it), in order."""
+    return [nb for nb in notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
+
+
 def run_series(out_dir: str | Path, ci: bool = False, only: list[str] | None = None,
-               kernel: str = "python3") -> dict:
+               kernel: str = "python3", profile=None, reference: str | Path | None = None) -> dict:
     """Run the notebooks (those starting with a prefix in `only`, or all) in order into
-    `out_dir`, showing their progress; gather and print the report; returns {notebook: metrics}."""
+    `out_dir`, showing their progress; gather and print the report; returns {notebook: metrics}.
+    `profile(nb)` gives a notebook's parameters instead of the CI ones (gpu_profile.py), and
+    `reference` the reference file of the report (default: the committed one for `ci`)."""
     out_dir = Path(out_dir).resolve()
-    chosen = [nb for nb in notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
+    chosen = chosen_notebooks(only)
     check_order(out_dir, chosen)
     seconds = {}
     for k, nb in enumerate(chosen, 1):
-        params = {"run_dir": str(out_dir), **(ci_parameters(nb) if ci else {})}
+        params = {"run_dir": str(out_dir), **(profile(nb) if profile else ci_parameters(nb) if ci else {})}
         print(f"notebook {k} of {len(chosen)}: {nb.stem}", flush=True)
         seconds[nb.stem] = run_notebook(nb, out_dir, params, kernel, progress=True)
         print(f"  done in {seconds[nb.stem]:.0f} s (series so far {sum(seconds.values()):.0f} s)", flush=True)
-    table = gather(out_dir, seconds, reference_path(ci))
+    table = gather(out_dir, seconds, reference or reference_path(ci))
     head = (out_dir / "metrics.md").read_text().split("\n### ", 1)[0]
     print(head.rstrip() + f"\n\nall metrics, beside the reference: {out_dir / 'metrics.md'}")
     print(f"total {sum(seconds.values()):.0f} s; executed notebooks in {out_dir / 'notebooks'}")
