@@ -36,7 +36,8 @@ class ModelConfig:
     llm: dict                         # -> LlamaConfig (used for parameter counts / tiny init)
     encoder_path: str = ""            # folder with the frozen encoder weights
     llm_path: str = ""                # HF-format LLM folder (weights + tokenizer)
-    proj_group: int = 1               # Llama-2 variant: 4 adjacent patch tokens -> 1 token
+    proj_group: int = 4               # where the features are ViT patches (`reads_patches`: the Llama-2
+                                      # variant, the no_qformer ablation): 4 adjacent patch tokens -> 1 token
     vit_dtype: str = "float32"        # the paper runs the ViT in fp16 on GPUs
     ln_vision_eps: float | None = None  # LAVIS's ln_vision is nn.LayerNorm's 1e-5; None = the ViT's eps
     llm_dtype: str = "float32"
@@ -53,6 +54,15 @@ class ModelConfig:
     # `pip install 'minigpt4-min[gpu]'`; llm.load_llm, MiniGPT4.from_config, memory.py)
     low_resource: bool = False
     device_8bit: int = 0
+    # the trainable bridge (projectors.py): "linear", the paper's ONE layer; the other kinds
+    # exist for the architecture ablation of notebook 06 ("no_qformer" reads ViT patches
+    # grouped `proj_group` at a time, as the Llama-2 variant does)
+    projector: str = "linear"
+
+    @property
+    def reads_patches(self) -> bool:
+        """The image features are grouped ViT patches, not Q-Former queries."""
+        return reads_patches(self, self.projector)
 
     @property
     def vision_width(self) -> int:
@@ -61,16 +71,22 @@ class ModelConfig:
     @property
     def proj_in(self) -> int:
         """Input width of `llama_proj`: Q-Former width, or grouped ViT width (Llama-2)."""
-        if self.qformer is None:
+        if self.reads_patches:
             return self.vision_width * self.proj_group
         return self.qformer["hidden_size"]
 
     @property
     def num_image_tokens(self) -> int:
-        if self.qformer is None:
+        if self.reads_patches:
             patches = (self.image_size // self.vision["patch_size"]) ** 2
             return patches // self.proj_group
         return self.num_query_tokens
+
+
+def reads_patches(cfg: ModelConfig, projector: str) -> bool:
+    """Whether `projector` on this model reads grouped ViT patches (no Q-Former in the model, or
+    the no_qformer ablation) rather than Q-Former queries."""
+    return cfg.qformer is None or projector == "no_qformer"
 
 
 @dataclass

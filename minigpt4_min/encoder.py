@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
 from .checkpoints import LAVIS_FILES, is_blip2_hf, load_strict, read_blip2_hf, read_lavis
-from .config import ModelConfig
+from .config import ModelConfig, reads_patches
 from .llm import freeze
 
 
@@ -64,31 +64,43 @@ class VisualEncoder(nn.Module):
         return nn.functional.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(),
                                         ln.bias.float(), ln.eps)
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, projector: str | None = None):
         """(B, 3, S, S) -> (B, N, D) image features that `llama_proj` maps into the LLM.
 
         With `output_attentions`, also returns the Q-Former's cross-attention maps, a list
         of (B, heads, Q, 1 + P) tensors, one per cross-attention layer.
         """
-        return self.read_out(self.vit(pixel_values), output_attentions)
+        return self.read_out(self.vit(pixel_values), output_attentions, projector)
 
-    def read_out(self, img: torch.Tensor, output_attentions: bool = False):
-        """ViT tokens (B, 1+P, Wv) -> image features: Q-Former queries, or grouped patches."""
-        if self.qformer is not None:
-            img = img.to(self.query_tokens.device)                      # low_resource: ViT on the CPU
-        if self.qformer is None:                                        # Llama-2 variant
+    def read_out(self, img: torch.Tensor, output_attentions: bool = False, projector: str | None = None):
+        """ViT tokens (B, 1+P, Wv) -> image features: Q-Former queries (B, Q, Hq), grouped
+        patches (B, P/g, g*Wv), or, for a "finetune_qformer" projector, the input of the
+        Q-Former's last layer (B, Q, Hq), which `projectors.QFormerHead` trains a copy of.
+        `projector` (default `cfg.projector`) picks which (notebook 06 computes all three)."""
+        projector = projector or self.cfg.projector
+        if reads_patches(self.cfg, projector):                          # Llama-2 variant / no_qformer
             patches = img[:, 1:, :]                                     # (B, P, Wv)
             b, p, w = patches.shape
             g = self.cfg.proj_group
-            return patches.reshape(b, p // g, w * g)                    # (B, P/4, 4*Wv)
+            return patches.reshape(b, p // g, w * g)                    # (B, P/g, g*Wv)
+        img = img.to(self.query_tokens.device)                          # low_resource: ViT on the CPU
         q = self.query_tokens.expand(img.shape[0], -1, -1).to(img.dtype)  # (B, Q, Hq)
         # SDPA is ~15% faster on CPU but cannot return attention maps (notebook 01 shows them)
         self.qformer.set_attn_implementation("eager" if output_attentions else "sdpa")
-        out = self.qformer(query_embeds=q, encoder_hidden_states=img,
-                           encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long,
-                                                             device=img.device),
-                           output_attentions=output_attentions)
-        feats = out.last_hidden_state                                   # (B, Q, Hq)
+        before_last = []
+        hook = None
+        if projector == "finetune_qformer":                             # keep the last layer's input
+            hook = self.qformer.encoder.layer[-1].register_forward_pre_hook(
+                lambda mod, args: before_last.append(args[0]))
+        try:
+            out = self.qformer(query_embeds=q, encoder_hidden_states=img,
+                               encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long,
+                                                                 device=img.device),
+                               output_attentions=output_attentions)
+        finally:
+            if hook is not None:
+                hook.remove()
+        feats = before_last[0] if before_last else out.last_hidden_state  # (B, Q, Hq)
         if output_attentions:
             return feats, [a for a in out.cross_attentions if a is not None]
         return feats

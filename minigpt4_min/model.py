@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -27,6 +27,7 @@ from .checkpoints import read_projection, write_projection
 from .config import ModelConfig
 from .encoder import VisualEncoder
 from .llm import load_llm
+from .projectors import build_projector
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 STOP_STRINGS = ("###",)
@@ -49,7 +50,9 @@ class MiniGPT4(nn.Module):
         super().__init__()
         self.cfg, self.encoder, self.llm, self.tokenizer = cfg, encoder, llm, tokenizer
         d_llm = llm.config.hidden_size
-        self.llama_proj = nn.Linear(cfg.proj_in, d_llm)   # the ONLY trainable layer (kept in fp32)
+        # the ONLY trainable layer (kept in fp32): nn.Linear(proj_in, d_llm), the paper's; the
+        # architecture ablation (notebook 06) puts another module here (projectors.py)
+        self.llama_proj = build_projector(cfg, d_llm, encoder)
         self.projection_source: str | None = None          # the file llama_proj was loaded from; None: random
         self._checkpointing = False                        # set_gradient_checkpointing
         for m in (self.encoder, self.llm):                 # frozen, decided in one place
@@ -147,6 +150,11 @@ class MiniGPT4(nn.Module):
         path = Path(path)
         if path.is_dir():                                  # a trainer checkpoint folder
             path = path / "model.safetensors"
+        if not isinstance(self.llama_proj, nn.Linear):     # an ablation's module: our own files only
+            sd = load_file(str(path))
+            self.llama_proj.load_state_dict({k.removeprefix("llama_proj."): v for k, v in sd.items()})
+            self.projection_source = str(path)
+            return
         sd = read_projection(path)
         w, b = sd["llama_proj.weight"], sd["llama_proj.bias"]
         if w.shape != self.llama_proj.weight.shape or b.shape != self.llama_proj.bias.shape:
@@ -160,21 +168,30 @@ class MiniGPT4(nn.Module):
     def export_projection(self, path: str | Path) -> Path:
         """Write `llama_proj` as a released MiniGPT-4 checkpoint (`{"model": {...}}` .pth), the
         file the official demo's `ckpt:` setting loads."""
+        if not isinstance(self.llama_proj, nn.Linear):
+            raise ValueError(f"only the paper's linear llama_proj has a released format; this model's is "
+                             f"{self.cfg.projector!r} (save it with save_projection)")
         return write_projection(path, self.llama_proj.weight, self.llama_proj.bias)
 
     # ------------------------------------------------------------- embeddings
     @property
     def device(self) -> torch.device:
-        return self.llama_proj.weight.device
+        return self._proj_weight.device
+
+    @property
+    def _proj_weight(self) -> torch.Tensor:
+        """A parameter of the projection (its device and dtype), whatever its kind."""
+        return next(self.llama_proj.parameters())
 
     @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, Hq) frozen encoder outputs (cacheable: no trainable part)."""
-        return self.encoder(pixel_values.to(self.device))
+        """(B, 3, S, S) -> (B, N, Hq) frozen encoder outputs (cacheable: no trainable part), the
+        ones this model's projector reads (an ablation's model may share the encoder of another)."""
+        return self.encoder(pixel_values.to(self.device), projector=self.cfg.projector)
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, N, Hq) -> (B, N, D) image tokens in the LLM's embedding space (and dtype)."""
-        out = self.llama_proj(feats.to(self.llama_proj.weight))    # cached features may sit on the CPU
+        out = self.llama_proj(feats.to(self._proj_weight))          # cached features may sit on the CPU
         return out.to(self.llm.get_input_embeddings().weight.dtype)
 
     def embed_images(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None):

@@ -365,18 +365,38 @@ def funnel_figure(stages: list[tuple[str, int]], title: str = "stage-2 data funn
 
 
 def grouped_bars(groups: list[str], series: dict[str, list[float]], ylabel: str, title: str = "",
-                 ylim: tuple[float, float] | None = (0, 1)) -> Figure:
-    """Bars of several series (e.g. stage 1 / stage 2 / no image) per group (e.g. poem / story / ad)."""
+                 ylim: tuple[float, float] | None = (0, 1), errors: dict[str, list[float]] | None = None) -> Figure:
+    """Bars of several series (e.g. stage 1 / stage 2 / no image) per group (e.g. poem / story / ad);
+    `errors` {series: [std per group]} draws each bar's spread (mean ± std over seeds)."""
     fig = new_figure(figsize=(1.6 + 1.5 * len(groups), 3.4))
     ax = fig.add_subplot()
     w = 0.8 / max(len(series), 1)
     for k, (name, vals) in enumerate(series.items()):
         xs = [i + (k - (len(series) - 1) / 2) * w for i in range(len(groups))]
-        bars = ax.bar(xs, vals, w, label=name)
-        ax.bar_label(bars, [f"{v:.2f}" for v in vals], fontsize=8)
+        err = (errors or {}).get(name)
+        bars = ax.bar(xs, vals, w, label=name, yerr=err, capsize=3 if err else 0)
+        ax.bar_label(bars, ["" if v != v else f"{v:.2f}" for v in vals], fontsize=8, padding=2)   # NaN: no bar
     ax.set_xticks(range(len(groups)), groups)
     if ylim:
         ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def curves(xs: list[float], series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
+           title: str = "", ylim: tuple[float, float] | None = (0, 1)) -> Figure:
+    """One line per series through (x, mean), with a band of ± std (seeds) around it."""
+    fig = new_figure(figsize=(5.6, 3.4))
+    ax = fig.add_subplot()
+    for name, (mean, std) in series.items():
+        ax.plot(xs, mean, marker="o", label=name)
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))

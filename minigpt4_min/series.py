@@ -203,7 +203,7 @@ def gather(out_dir: str | Path, seconds: dict[str, float] | None = None,
 
 
 # What each notebook reads from the run folder, by the notebooks that write it.
-NEEDS = {"03": ("02",), "04": ("02", "03"), "05": ("02", "04")}
+NEEDS = {"03": ("02",), "04": ("02", "03"), "05": ("02", "04"), "06": ("03",)}
 
 
 def check_order(out_dir: Path, chosen: list[Path]) -> None:

@@ -212,14 +212,27 @@ FILLERS = ("nice picture", "photo", "stock image", "my drawing", "look at this",
            "free download", "art", "best shapes", "new post")
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
+# the caption templates below that name a position (2 of 9: where a stage-1 model can learn
+# "where" from); notebook 06 varies their share
+POSITION_TEMPLATES = (3, 7)
+
+
+def caption(scene: Scene, rng: random.Random, position_share: float | None = None) -> str:
     """A short, noisy stage-1 caption (alt-text style: partial, lower case, some filler).
 
-    It never lists everything: at most two objects, some attributes dropped.
+    It never lists everything: at most two objects, some attributes dropped. One of 9
+    templates, drawn uniformly (`position_share=None`, the shipped data: 2 of 9 name a
+    position); with `position_share` p, a position template with probability p, one of the
+    other 7 otherwise (the caption-content ablation of notebook 06).
     """
     objs = list(scene.objects)
     o = rng.choice(objs)
-    t = rng.randrange(9)
+    if position_share is None:
+        t = rng.randrange(9)
+    elif rng.random() < position_share:
+        t = rng.choice(POSITION_TEMPLATES)
+    else:
+        t = rng.choice([k for k in range(9) if k not in POSITION_TEMPLATES])
     if t == 0:
         c = f"{o.colour} {o.shape}"
     elif t == 1:

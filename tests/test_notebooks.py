@@ -65,6 +65,7 @@ FIGURES = {
     "03_stage2_data": 2,        # data funnel, raw / kept descriptions
     "04_stage2_finetuning": 2,  # loss curve, stage 1 / stage 2 bars
     "05_chat": 3,               # chat image, wording accuracy bars, emergent skills   # 01/05: checked by the issue-12 engineer
+    "06_ablations": 3,          # architecture bars, data-fraction curves, caption-content bars
 }
 
 
@@ -213,3 +214,23 @@ def test_five_turn_chat_keeps_to_its_image(ci_run):
     assert len(chat.conv.messages) == 10                      # 5 questions, 5 answers, one image
     assert sum(right) >= 1.5 * sum(other), (right, other)   # an image-blind model scores the same on both
     assert right[3] + right[4] > other[3] + other[4], (right, other)
+
+
+@pytest.mark.notebook
+def test_06_ablations_metrics(ci_run):
+    """The ablation notebook ran every cell for every seed, and each verdict follows its numbers."""
+    from minigpt4_min import ablations, verdicts
+    m = ci_run[1]["06_ablations"]
+    assert m["n_cells"] == len(ablations.cells(seeds=range(m["seeds"]))) == 11 * m["seeds"]
+    claims = sorted({k.split("/")[0] for k in m if k.startswith("claim")})
+    assert len(claims) == len(verdicts.CLAIMS)
+    for c in claims:
+        v, d, s = m[f"{c}/verdict"], m[f"{c}/difference"], m[f"{c}/spread"]
+        assert v in ("holds", "does not hold", "not resolved by the spread")
+        assert (v == "holds") == (d > s) and (v == "does not hold") == (-d > s)
+    for k, v in m.items():
+        if k.endswith("/mean") and ("vqa" in k or "recall" in k):
+            assert 0.0 <= v <= 1.0, k
+    # the best linear map (the answer key) beats every trained projection on position VQA
+    trained = [v for k, v in m.items() if k.endswith("stage2/vqa_position/mean")]
+    assert len(trained) == 11 and m["best_linear_map/vqa_position"] > max(trained)
