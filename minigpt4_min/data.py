@@ -2,10 +2,11 @@
 
 Paper §3 / DESIGN.md §2: stage-1 images are `RandomResizedCrop(224, scale=(0.5, 1.0),
 bicubic)` for training and a plain resize for evaluation, normalized with the CLIP
-mean / std. Stage-1 data are webdataset shards (`KEY.jpg` + `KEY.json` with a
-"caption", as written by img2dataset); the same reader reads ShapesWorld shards and
-real LAION / CC / SBU shards. Bad samples are skipped and *counted*, never silently, and so
-are empty shards; every shard file is closed as soon as it has been read.
+mean / std. Stage-1 data are webdataset shards as img2dataset writes them (`KEY.jpg` +
+`KEY.txt`, the caption, and / or `KEY.json` with a "caption"); the same reader reads
+ShapesWorld shards and real LAION / CC / SBU shards. Bad samples are skipped and
+*counted*, never silently, and so are empty shards; every shard file is closed as soon as
+it has been read.
 """
 from __future__ import annotations
 
@@ -310,14 +311,22 @@ def _decode_sample(raw: dict) -> Sample:
     if ext is None:
         found = sorted(k for k in raw if not k.startswith("__"))
         raise ValueError(f"no image ({'/'.join(IMAGE_EXTS)}) entry, only {found}")
-    if "json" not in raw:
-        raise ValueError("no json entry")
-    try:
-        meta = json.loads(raw["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"invalid json ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("caption"), str):
-        raise ValueError("json has no string 'caption'")
+    meta = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"invalid json ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"json is a {type(meta).__name__}, expected an object with a 'caption'")
+    if not isinstance(meta.get("caption"), str) and "txt" in raw:     # img2dataset: KEY.txt = the caption
+        try:
+            meta = {**meta, "caption": raw["txt"].decode("utf-8").strip()}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"txt caption is not UTF-8 text ({e})") from None
+    if not isinstance(meta.get("caption"), str):
+        raise ValueError("no caption: no txt entry and " + ("json has no string 'caption'" if "json" in raw
+                                                             else "no json entry"))
     image = load_image(raw[ext], name=f"{key}.{ext}")
     return Sample(key=key, image=image, meta=meta, url=url)
 
@@ -328,15 +337,17 @@ def read_shards(urls, stats: ShardStats | None = None, *,
 
     `urls`: a directory (its `*.tar`, sorted), a brace pattern (`data/s-{000..009}.tar`) or
     a list of paths; missing local shards raise `FileNotFoundError` here, before iterating.
-    A bad sample (unreadable image, no image, no / invalid json, no string caption) is
-    skipped, counted in `stats` with its url and key, and warned about (`BadSampleWarning`);
-    a shard without samples (an empty file, or a tar with none) is counted in
-    `stats.empty_shards` and warned about (`EmptyShardWarning`). Each shard's file is
-    closed when it has been read, or when the caller stops early (`close()`, or the
-    iterator is collected). With `split_by_node`, each distributed rank reads its own
-    subset of the shards (webdataset's `split_by_node`: shards rank, rank + world, ...);
-    with `split_by_worker` too, each DataLoader worker of a rank reads its own subset of
-    the rank's (`split_by_worker`), so no shard is read twice by ranks x workers.
+    The caption is the json's "caption", else the `KEY.txt` entry (img2dataset writes both;
+    `Sample.meta` then holds the json's fields and that caption). A bad sample (unreadable
+    image, no image, invalid json, no caption in either) is skipped, counted in `stats` with
+    its url and key, and warned about (`BadSampleWarning`); a shard without samples (an
+    empty file, or a tar with none) is counted in `stats.empty_shards` and warned about
+    (`EmptyShardWarning`). Each shard's file is closed when it has been read, or when the
+    caller stops early (`close()`, or the iterator is collected). With `split_by_node`, each
+    distributed rank reads its own subset of the shards (webdataset's `split_by_node`: shards
+    rank, rank + world, ...); with `split_by_worker` too, each DataLoader worker of a rank
+    reads its own subset of the rank's (`split_by_worker`), so no shard is read twice by
+    ranks x workers.
     """
     found = shard_urls(urls)
     return _iter_samples(found, stats if stats is not None else ShardStats(), split_by_node,

@@ -13,7 +13,8 @@ expands the environment variables (`ENV_VARS`), not the notebooks. Before any no
 raises ONE `PreflightError` that lists everything missing. `--plumbing` first writes, into a
 scratch folder, random weights in the official formats at the profile's full size (LAVIS's
 two .pth files, an HF LLaMA folder, a released projection .pth) and ShapesWorld data in the
-real formats (webdataset shards as img2dataset writes them, a cc_sbu_align folder), points
+real formats (webdataset shards as img2dataset writes them, a folder of .jpg images to
+describe, a cc_sbu_align folder), points
 the variables there and runs the same profile: dtypes, memory and speed, no downloads.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ GPU_PARAMS_DIR = NOTEBOOK_DIR / "gpu_params"
 REFERENCE = REFERENCE_DIR / "series_reference_gpu.json"       # absent until a GPU run is made one
 ENV_VARS = {
     "MINIGPT4_MODELS": "the folder of the frozen weights and the released projection",
-    "MINIGPT4_DATA": "the folder of the training data (cc_sbu_align/; laion/ shards for `train --stage 1`)",
+    "MINIGPT4_DATA": "the folder of the data (laion/ shards, cc_images/ to describe, cc_sbu_align/)",
 }
 _VAR = re.compile(r"\$\{(\w+)\}")
 
@@ -69,11 +70,38 @@ def _projection_missing(p: Path) -> list[str]:
     return [] if p.is_file() or (p / "model.safetensors").is_file() else ["no such file"]
 
 
+def _images_missing(p: Path) -> list[str]:
+    from .data import IMAGE_EXTS
+
+    if any(f.suffix.lower().lstrip(".") in IMAGE_EXTS for f in p.iterdir() if f.is_file()):
+        return []
+    return [f"no {' / '.join('.' + e for e in IMAGE_EXTS)} files (sub-folders are not searched)"]
+
+
+def _shards_missing(value: str) -> list[str]:
+    """What is missing of a `train_shards` value: a folder of *.tar, a brace pattern, a file, or a
+    comma-separated list of them (stage1.shard_list reads it the same way)."""
+    from .data import shard_urls                          # torch: only when a path is checked
+    from .stage1 import SHARD_LIST_SEP
+
+    out = []
+    for part in filter(None, (x.strip() for x in SHARD_LIST_SEP.split(value))):
+        if "{" not in part and not Path(part).exists():
+            out.append(f"{part} does not exist")
+            continue
+        try:
+            shard_urls(part)
+        except (FileNotFoundError, ValueError) as e:
+            out.append(str(e))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Need:
     what: str                                  # what the path is
     source: str                                # where it comes from
     missing: Callable[[Path], list[str]]       # what is missing at a path that exists
+    shards: bool = False                       # a shard list (`_shards_missing`), not one path
 
 
 _PROJECTION = Need("a MiniGPT-4 projection (llama_proj)", "the released pretrained_minigpt4_7b.pth (MiniGPT-4's "
@@ -88,6 +116,12 @@ NEEDS = {
                       "MiniGPT-4's cc_sbu_align download (its README, 'second finetuning stage')", _align_missing),
     "stage1_checkpoint": _PROJECTION,
     "stage2_checkpoint": _PROJECTION,
+    "train_shards": Need("stage-1 image-caption webdataset shards (KEY.jpg + KEY.txt / KEY.json, as img2dataset "
+                         "writes them)", "LAION / CC / SBU downloaded with img2dataset --output_format webdataset "
+                         "(MiniGPT-4's dataset/README_1_STAGE.md): a folder of *.tar, a brace pattern or a list",
+                         lambda p: [], shards=True),
+    "image_dir": Need("images for the stage-1 model to describe (.jpg / .png)", "any folder of images, e.g. the "
+                      "paper's 5,000 Conceptual Captions images (img2dataset --output_format files)", _images_missing),
 }
 
 
@@ -131,7 +165,10 @@ def ready(chosen: list[Path], env=None) -> dict[str, dict]:
     problems = [f"{v} is not set: {ENV_VARS.get(v, 'a variable the profile reads')}" for v in sorted(unset)]
     for (k, value), nbs in users.items():
         need, p = NEEDS[k], Path(value)
-        missing = ["does not exist"] if _VAR.search(value) or not p.exists() else need.missing(p)
+        if _VAR.search(value) or not (need.shards or p.exists()):
+            missing = ["does not exist"]
+        else:
+            missing = _shards_missing(value) if need.shards else need.missing(p)
         if missing:
             problems.append(f"{p.name} ({k} of notebook {', '.join(nbs)}): {need.what}; {value}: "
                             f"{', '.join(missing)}\n      from: {need.source}")
@@ -175,13 +212,19 @@ def write_plumbing(root: str | Path, chosen: list[Path], cfg: ModelConfig | None
     if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(record)):
         return env
     writers = {"encoder_path": _write_encoder, "llm_path": _write_llm, "align_dir": _write_align,
-               "stage1_checkpoint": _write_projection, "stage2_checkpoint": _write_projection}
+               "stage1_checkpoint": _write_projection, "stage2_checkpoint": _write_projection,
+               "image_dir": _write_images}
+    shard_dirs = {root / "data" / "laion"}                 # `train --stage 1 --shards` (README)
     for path, k in paths.items():
         print(f"plumbing: {k} -> {path}", flush=True)
-        writers[k](Path(path), cfg, device, n_align)
+        if k == "train_shards":                             # a folder: the plumbing writes shards into it
+            shard_dirs.add(Path(path))
+        else:
+            writers[k](Path(path), cfg, device, n_align)
     from .stage1 import write_shapesworld_shards            # img2dataset's layout: KEY.jpg + KEY.json
 
-    write_shapesworld_shards(root / "data" / "laion", "train", n_shards * shard_size, cfg.image_size, shard_size)
+    for folder in sorted(shard_dirs):
+        write_shapesworld_shards(folder, "train", n_shards * shard_size, cfg.image_size, shard_size)
     stamp.write_text(json.dumps(record, indent=1))
     return env
 
@@ -222,6 +265,14 @@ def _write_projection(path: Path, cfg: ModelConfig, _device: str, _n: int) -> No
 
     d = cfg.llm["hidden_size"]
     write_projection(path, torch.randn(d, cfg.proj_in) * 0.02, torch.zeros(d))      # (D_llm, D_in), (D_llm,)
+
+
+def _write_images(path: Path, cfg: ModelConfig, _device: str, n: int) -> None:
+    from . import shapesworld as sw
+
+    path.mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(sw.split("stage2", n)):
+        sw.render(s, cfg.image_size).save(path / f"img{i:05d}.jpg", quality=95)
 
 
 def _write_align(path: Path, cfg: ModelConfig, _device: str, n: int) -> None:

@@ -12,7 +12,8 @@ gets one of three decisions:
 tmp file + fsync + os.replace), so a review can stop at any point and resume later;
 `widgets.ReviewWidget` is its notebook UI. For papermill / CI, `auto_review` plays the
 human using ShapesWorld ground truth (`review_problems`), deciding only what no one has
-decided yet — a human can review first, or take over afterwards, on the same file.
+decided yet — a human can review first, or take over afterwards, on the same file. Real
+images have no ground truth: `auto_review_text` keeps what passes the text checks alone.
 
 The decisions file: {"version": 1, "decisions": {image_id: {"decision", "caption",
 "reason", "reviewer", "time"}}}.
@@ -194,6 +195,20 @@ def _best_match(m: Mention, scene: sw.Scene, used: set[int]) -> int | None:
     return max(cands, key=score) if cands else None
 
 
+def text_problems(text: str) -> list[str]:
+    """What is wrong with `text` as a detailed description, without looking at the image:
+    evaluate.failure_modes as reasons (empty, too short, repetitive, cut off, off format)."""
+    modes = failure_modes(text)
+    if modes["empty"]:
+        return ["empty"]
+    problems = []
+    for mode, bad in modes.items():          # any mode evaluate adds is reported by its name
+        if bad and mode != "any":
+            problems.append(f"too short ({len(re.findall(r'[a-z]+', text.lower()))} words)"
+                            if mode == "too_short" else _MODE_TEXT.get(mode, mode.replace("_", " ")))
+    return problems
+
+
 def review_problems(text: str, scene: sw.Scene, require_complete: bool = True) -> list[str]:
     """Why `text` is not a correct description of `scene` (empty list: nothing wrong).
 
@@ -203,14 +218,9 @@ def review_problems(text: str, scene: sw.Scene, require_complete: bool = True) -
     count. With `require_complete`, also every object the text never mentions and a missing
     background.
     """
-    modes = failure_modes(text)
-    if modes["empty"]:
-        return ["empty"]
-    problems = []
-    for mode, bad in modes.items():          # any mode evaluate adds is reported by its name
-        if bad and mode != "any":
-            problems.append(f"too short ({len(re.findall(r'[a-z]+', text.lower()))} words)"
-                            if mode == "too_short" else _MODE_TEXT.get(mode, mode.replace("_", " ")))
+    problems = text_problems(text)
+    if problems == ["empty"]:
+        return problems
     used: set[int] = set()
     for m in parse_mentions(text):
         i = _best_match(m, scene, used)
@@ -295,6 +305,23 @@ def auto_review(session: ReviewSession, scenes: dict[str, sw.Scene], require_com
                 session._record(it.image_id, "edit", text, "removed: " + "; ".join(removed), "auto")
             else:
                 session._record(it.image_id, "accept", None, "", "auto")
+    finally:
+        if session._pending:
+            session._save()
+    return session.summary()
+
+
+def auto_review_text(session: ReviewSession) -> dict:
+    """Decide every item not yet decided WITHOUT ground truth (real images, reviewer
+    "auto-text"): accept the refined text if `text_problems` finds nothing, else reject with
+    its reasons. It cannot see a wrong object or colour: only a human (the widget) can; a
+    decision already made is never overwritten. Returns session.summary()."""
+    try:
+        for it in session.items:
+            if session.decision(it.image_id) is None:
+                problems = text_problems(it.refined)
+                session._record(it.image_id, "reject" if problems else "accept", None,
+                                "; ".join(problems), "auto-text")
     finally:
         if session._pending:
             session._save()

@@ -5,13 +5,19 @@ learns. At full scale the pairs stream from LAION / CC / SBU webdataset shards; 
 tiny scale from ShapesWorld shards written in the same format and read by the same
 reader. Because the encoder is frozen and the tiny eval transform is deterministic, its
 outputs are computed once and cached (`FeatureSet`): stage 1 then costs only the LLM.
+Real shards (notebook 02's `train_shards`, `shard_batches`) are streamed instead, each
+image through the config's train transform (RandomResizedCrop at full scale) and the
+encoder inside the training step, nothing cached: the command line's path
+(`distributed.ShardStream`) on one process.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import random
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import shapesworld as sw
-from .data import ImageProcessor, ShardStats, clean_caption, read_shards, write_shards
+from .data import ImageProcessor, ShardStats, clean_caption, read_shards, shard_urls, write_shards
 from .model import GenerationSettings, MiniGPT4
 
 # Stage-1 generation: just the image, then the caption up to the newline.
@@ -175,6 +181,61 @@ def scene_features(model: MiniGPT4, scenes: list[sw.Scene], prefix: str = "img")
     """Render ShapesWorld scenes and encode them; keys are `{prefix}{index:05d}`."""
     keys = [f"{prefix}{i:05d}" for i in range(len(scenes))]
     return encode_images(model, [sw.render(s, model.cfg.image_size) for s in scenes], keys, scenes)
+
+
+SHARD_LIST_SEP = re.compile(r",(?![^{]*\})")     # a comma outside braces separates shard patterns
+
+
+def shard_list(spec) -> list[str]:
+    """Notebook 02's `train_shards` -> shard urls: a brace pattern as img2dataset names its
+    shards ("/data/laion/{00000..00099}.tar"), a folder (its *.tar) or a file, or a
+    comma-separated list of them (a comma inside braces is the pattern's); also a list.
+    Missing local shards raise FileNotFoundError naming them."""
+    parts = SHARD_LIST_SEP.split(str(spec)) if isinstance(spec, (str, Path)) else [str(p) for p in spec]
+    parts = [p.strip() for p in parts if p.strip()]
+    if not parts:
+        raise ValueError(f"train_shards={spec!r}: expected webdataset shards: a brace pattern such as "
+                         "'/data/laion/{00000..00099}.tar', a folder of *.tar, or a comma-separated list")
+    urls = []
+    for part in parts:
+        try:
+            urls += shard_urls(part)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"train_shards {part!r}: {e}") from None
+    return urls
+
+
+def shard_batches(model: MiniGPT4, spec, batch_size: int, max_txt_len: int = 32, seed: int = 0,
+                  workers: int = 2):
+    """`get_batch(step, g)` for the trainer over real webdataset shards, the encoder in the loop:
+    `distributed.ShardStream` + `stream_batches` (what `python -m minigpt4_min train --stage 1
+    --shards` runs) on this one process. Each epoch reads the shards in a seeded shuffled order,
+    split over `workers` DataLoader processes (at most one per shard); each image goes through
+    the config's train transform (RandomResizedCrop(S, scale=(0.5, 1)) at full scale), each
+    caption through `clean_caption`; the batch holds images, not features, and nothing is
+    cached. Returns (get_batch, the shard urls)."""
+    from .distributed import ShardStream, stream_batches
+
+    urls = shard_list(spec)
+    stream = ShardStream(urls, ImageProcessor(model.cfg, train=True), seed=seed)
+    return stream_batches(stream, batch_size, min(workers, len(urls)), max_txt_len), urls
+
+
+@torch.no_grad()
+def peek_shards(model: MiniGPT4, urls, n: int = 6, seed: int = 0, stats: ShardStats | None = None) -> FeatureSet:
+    """The first `n` samples of the shards (in file order) through the train transform and the
+    frozen encoder, to look at: captions as the shards hold them. Nothing is cached."""
+    proc, g = ImageProcessor(model.cfg, train=True), torch.Generator().manual_seed(seed)
+    urls = shard_urls(urls)
+    it = read_shards(urls, stats)
+    samples = list(itertools.islice(it, n))
+    it.close()
+    if not samples:
+        raise ValueError(f"{len(urls)} shard(s) from {urls[0]}: no readable sample (expected KEY.jpg "
+                         "with KEY.txt or a KEY.json 'caption', as img2dataset writes them)")
+    x = torch.stack([proc(s.image, g) for s in samples])                 # (n, 3, S, S)
+    return FeatureSet(model.image_features(x).float().cpu(), [s.caption for s in samples],
+                      [None] * len(samples), [s.key for s in samples])
 
 
 def caption_batches(fs: FeatureSet, batch_size: int, max_txt_len: int = 32):

@@ -158,6 +158,38 @@ def test_bad_samples_are_skipped_counted_and_warned(tmp_path):
     assert warned == stats.reasons
 
 
+def test_img2dataset_txt_captions_are_read_and_a_sample_without_caption_is_named(tmp_path):
+    """img2dataset writes KEY.jpg + KEY.txt (the caption) + KEY.json (url, status, ...): the
+    caption comes from the json when it has one, else from the txt."""
+    import webdataset as wds
+
+    jpg = encode(noise_image(1), "JPEG")
+    entries = {
+        "txtonly": {"jpg": jpg, "txt": "  A dog on a beach.\n".encode()},
+        "img2ds": {"jpg": jpg, "txt": b"a red car", "json": json.dumps({"url": "http://x/1.jpg",
+                                                                        "status": "success"}).encode()},
+        "both": {"jpg": jpg, "txt": b"from the txt", "json": json.dumps({"caption": "from the json"}).encode()},
+        "nocaption": {"jpg": jpg, "json": json.dumps({"url": "u"}).encode()},
+        "bare": {"jpg": jpg},
+        "badtxt": {"jpg": jpg, "txt": b"\xff\xfe not utf-8 \x80"},
+    }
+    path = tmp_path / "00000.tar"
+    with wds.TarWriter(str(path), encoder=False) as tw:
+        for key, entry in entries.items():
+            tw.write({"__key__": key, **entry})
+    stats = ShardStats()
+    with pytest.warns(BadSampleWarning):
+        got = {s.key: s for s in read_shards(str(tmp_path / "{00000..00000}.tar"), stats)}
+    assert {k: s.caption for k, s in got.items()} == {"txtonly": "A dog on a beach.", "img2ds": "a red car",
+                                                     "both": "from the json"}
+    assert got["img2ds"].meta == {"url": "http://x/1.jpg", "status": "success", "caption": "a red car"}
+    assert stats.ok == 3 and stats.skipped == 3
+    nocap, bare, badtxt = stats.reasons
+    assert f"{path}: sample 'nocaption' skipped: no caption: no txt entry and json has no string 'caption'" == nocap
+    assert f"{path}: sample 'bare' skipped: no caption: no txt entry and no json entry" == bare
+    assert "'badtxt'" in badtxt and "txt caption is not UTF-8 text" in badtxt
+
+
 @pytest.mark.parametrize("kind", ["zero bytes", "tar without members"])
 def test_empty_shard_is_counted_and_warned_by_name(tmp_path, kind):
     import tarfile

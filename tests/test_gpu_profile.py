@@ -12,9 +12,11 @@ from minigpt4_min import gpu_profile, series
 from minigpt4_min.__main__ import main
 from minigpt4_min.checkpoints import LAVIS_FILES
 from minigpt4_min.config import get_config
-from minigpt4_min.data import read_cc_sbu_align, read_shards, shard_urls
+from minigpt4_min.data import load_image, read_cc_sbu_align, read_shards, shard_urls
 from minigpt4_min.encoder import VisualEncoder
 from minigpt4_min.model import MiniGPT4
+from minigpt4_min.stage1 import shard_list
+from minigpt4_min.stage2_data import image_files
 
 NOTEBOOKS = series.notebooks()
 FULL = [nb for nb in NOTEBOOKS if nb.stem[:2] in ("02", "03", "04", "05")]
@@ -51,6 +53,8 @@ def test_profile_sets_the_real_inputs_and_cuts_the_paper_to_a_ci_run():
     assert 0 < p["04"]["steps"] < 400 and p["04"]["lr"] == 3e-5             # paper: 400 steps of 12, lr 3e-5
     assert p["02"]["batch_size"] == 64 and 0 < p["02"]["steps"] < 20000 and p["02"]["lr"] == 1e-4
     assert p["05"]["stage2_checkpoint"] == "${MINIGPT4_MODELS}/pretrained_minigpt4_7b.pth"
+    assert p["02"]["train_shards"] == "${MINIGPT4_DATA}/laion" and "n_train" not in p["02"]   # real shards
+    assert p["03"]["image_dir"] == "${MINIGPT4_DATA}/cc_images"                             # real images
 
 
 def test_an_undeclared_profile_parameter_is_refused_naming_the_file(tmp_path, monkeypatch):
@@ -80,23 +84,52 @@ def test_preflight_names_every_missing_input_in_one_error(tmp_path):
     with pytest.raises(gpu_profile.PreflightError) as e:
         gpu_profile.ready(NOTEBOOKS, {"MINIGPT4_MODELS": str(models)})  # MINIGPT4_DATA unset
     msg = str(e.value)
-    assert msg.count("\n  - ") == 5, msg
+    assert msg.count("\n  - ") == 7, msg
     assert "MINIGPT4_DATA is not set" in msg and "MINIGPT4_MODELS is not set" not in msg
     assert f"no {LAVIS_FILES[1]}" in msg and f"no {LAVIS_FILES[0]}" not in msg
     assert "vicuna-7b (llm_path of notebook 02, 03, 04, 05): HF-format Vicuna v0 weights" in msg
     assert "no *.safetensors / *.bin weights, no tokenizer.json / tokenizer.model" in msg
     assert "pretrained_minigpt4_7b.pth (stage2_checkpoint of notebook 05)" in msg
     assert "${MINIGPT4_DATA}/cc_sbu_align: does not exist" in msg and "from: MiniGPT-4's cc_sbu_align" in msg
+    assert "laion (train_shards of notebook 02): stage-1 image-caption webdataset shards" in msg
+    assert "cc_images (image_dir of notebook 03): images for the stage-1 model to describe" in msg
     assert "make series-gpu PLUMBING=1" in msg
     # the notebooks that need no weights start without any variable set
     assert set(gpu_profile.ready(NOTEBOOKS[:2], {})) == {NOTEBOOKS[0].stem, NOTEBOOKS[1].stem}
+
+
+def test_preflight_checks_shard_lists_and_image_folders_as_the_notebooks_read_them(tmp_path):
+    from minigpt4_min.data import write_shards
+
+    nb02, nb03 = (nb for nb in NOTEBOOKS if nb.stem[:2] in ("02", "03"))
+    env = {"MINIGPT4_MODELS": str(tmp_path / "models"), "MINIGPT4_DATA": str(tmp_path / "data")}
+    (tmp_path / "data" / "laion").mkdir(parents=True)
+    (tmp_path / "data" / "cc_images").mkdir()
+    (tmp_path / "data" / "cc_images" / "notes.txt").write_text("no image")
+
+    def problems():
+        with pytest.raises(gpu_profile.PreflightError) as e:
+            gpu_profile.ready([nb02, nb03], env)
+        return [line for line in str(e.value).splitlines() if line.startswith("  - ")]
+
+    got = [p for p in problems() if "train_shards" in p or "image_dir" in p]
+    assert any("laion (train_shards of notebook 02)" in p and "directory holds no *.tar shards" in p for p in got)
+    assert any("cc_images (image_dir of notebook 03)" in p and "no .jpg / .jpeg / .png / .webp files" in p
+               for p in got)
+    write_shards([("k0", torch.zeros(8, 8, 3, dtype=torch.uint8).numpy(), {"caption": "c"})],
+                 tmp_path / "data" / "laion", prefix="00000")
+    load_image(torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()).save(tmp_path / "data" / "cc_images" / "a.jpg")
+    assert not [p for p in problems() if "train_shards" in p or "image_dir" in p]    # found: only the weights left
+    assert gpu_profile._shards_missing(f"{tmp_path}/data/laion/00000-{{000000..000001}}.tar") == [
+        f"1 shard(s) not found: {tmp_path}/data/laion/00000-000001.tar"]
+    assert gpu_profile._shards_missing(f"{tmp_path}/data/laion, {tmp_path}/nope") == [f"{tmp_path}/nope does not exist"]
 
 
 def test_cli_preflight_fails_before_any_notebook(tmp_path, monkeypatch, capsys):
     for v in gpu_profile.ENV_VARS:
         monkeypatch.delenv(v, raising=False)
     assert main(["series", "--gpu", "--preflight", "--out", str(tmp_path)]) == 2
-    assert "cannot start, 6 input(s) missing" in capsys.readouterr().err
+    assert "cannot start, 8 input(s) missing" in capsys.readouterr().err
     assert main(["series", "--gpu", "--out", str(tmp_path / "run")]) == 2       # a real run stops the same way
     assert not (tmp_path / "run" / "notebooks").exists()
     assert main(["series", "--plumbing"]) == 2 and main(["series", "--gpu", "--ci"]) == 2
@@ -143,6 +176,10 @@ def test_plumbing_writes_what_the_profile_reads_in_the_official_formats(tmp_path
     assert len(pairs) == 64 and all(p.suffix == ".jpg" for _, p, _ in pairs[:3])
     samples = list(read_shards(shard_urls(str(root / "data" / "laion" / "train-{000000..000001}.tar"))))
     assert len(samples) == 128 and samples[0].caption and samples[0].image.size == (32, 32)
+    assert shard_list(params["02_stage1_pretraining"]["train_shards"]) == [          # as notebook 02 reads it
+        str(root / "data" / "laion" / f"train-00000{k}.tar") for k in (0, 1)]
+    images = image_files(params["03_stage2_data"]["image_dir"])                     # as notebook 03 reads it
+    assert len(images) == 64 and load_image(images["img00000"]).size == (32, 32)
     stamp = (root / "plumbing.json").stat().st_mtime_ns            # the same sizes again: reused
     gpu_profile.write_plumbing(root, NOTEBOOKS, cfg)
     assert (root / "plumbing.json").stat().st_mtime_ns == stamp

@@ -267,3 +267,26 @@ def test_auto_review_edit_mode(tmp_path):
     assert "absent" in s.decision("a")["reason"]
     assert s.decision("b")["decision"] == "reject" and s.decision("c")["decision"] == "accept"
     assert summary["kept"] == 2 and s.kept() == [("a", good), ("c", good)]
+
+
+# ----------------------------------------------------------------------------- no ground truth
+def test_auto_review_text_keeps_what_passes_the_failure_modes(tmp_path):
+    from minigpt4_min.review import auto_review_text, text_problems
+
+    long_ok = "A dog runs along a wide sandy beach under a pale blue sky, chasing a red ball into the waves."
+    items = [ReviewItem("ok", "raw", long_ok), ReviewItem("short", "raw", "A dog."),
+             ReviewItem("cut", "raw", long_ok.rstrip(".") + " and then"), ReviewItem("empty", "raw", ""),
+             ReviewItem("human", "raw", "A dog.")]
+    s = ReviewSession(items, tmp_path / "d.json")
+    s.decide("human", "edit", caption=long_ok)                     # a human was here first
+    summ = auto_review_text(s)
+    assert summ["decided"] == 5 and summ["reviewers"] == {"human": 1, "auto-text": 4}
+    assert s.kept() == [("ok", long_ok), ("human", long_ok)]
+    assert s.decision("short")["reason"] == "too short (2 words)"
+    assert s.decision("cut")["reason"] == "cut off (the last sentence is unfinished)"
+    assert s.decision("empty")["reason"] == "empty"
+    assert ReviewSession(items, tmp_path / "d.json").progress() == (5, 5)     # on disk
+    # the text checks are exactly the text part of the ground-truth reviewer's
+    for text in ("", "A large red circle.", GOOD, GOOD.rstrip(".") + " and a"):
+        assert text_problems(text) == [p for p in review_problems(text, SCENE, require_complete=False)
+                                       if p == "empty" or not p.startswith(("mentions", "wrong", "misses"))]

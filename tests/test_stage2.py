@@ -83,3 +83,54 @@ def test_steps_scaled_to_the_set():
     for bad in ((0, 16), (100, 0)):
         with pytest.raises(ValueError, match="n_pairs > 0"):
             stage2.steps_for(*bad)
+
+
+# ---------------------------------------------------------------- real images (notebook 03's image_dir)
+def test_folder_features_reads_sorted_images_skips_unreadable_ones_by_name(random_model, tmp_path):
+    from minigpt4_min.data import BadSampleWarning, load_image
+
+    renders = {f"img{i}": sw.render(s, 64) for i, s in enumerate(sw.split("stage2", 4))}
+    renders["img0"].save(tmp_path / "img0.png")
+    renders["img1"].resize((90, 70)).save(tmp_path / "img1.jpg", quality=95)      # any size: resized
+    (tmp_path / "img2.jpg").write_bytes(b"not a jpeg at all")                      # unreadable
+    renders["img3"].save(tmp_path / "img3.JPEG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub").mkdir()
+    renders["img0"].save(tmp_path / "sub" / "a.jpg")                                # sub-folders: not read
+    with pytest.warns(BadSampleWarning, match=r"img2\.jpg: not a readable image"):
+        fs, paths, skipped = stage2_data.folder_features(random_model, tmp_path, n=3, batch_size=2)
+    assert fs.keys == ["img0", "img1", "img3"] and list(paths) == fs.keys         # sorted, the first 3 readable
+    assert paths["img3"] == tmp_path / "img3.JPEG" and fs.scenes == [None] * 3
+    assert len(skipped) == 1 and str(tmp_path / "img2.jpg") in skipped[0]
+    want = stage1.encode_images(random_model, [load_image(p) for p in paths.values()], fs.keys)
+    assert torch.allclose(fs.feats, want.feats, atol=1e-6)                           # the eval transform
+    few, _, _ = stage2_data.folder_features(random_model, tmp_path, n=1)
+    assert few.keys == ["img0"]
+
+
+def test_image_folder_errors_name_the_folder_or_files(random_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"image_dir {tmp_path / 'nope'}: no such folder"):
+        stage2_data.image_files(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no \.jpg / \.jpeg / \.png / \.webp files in it \(sub-folders"):
+        stage2_data.image_files(tmp_path / "empty")
+    (tmp_path / "dup").mkdir()
+    for name in ("a.jpg", "a.png"):
+        sw.render(sw.split("stage2", 1)[0], 32).save(tmp_path / "dup" / name)
+    with pytest.raises(ValueError, match=r"a\.jpg and a\.png would both be image_id 'a'"):
+        stage2_data.image_files(tmp_path / "dup")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "b.png").write_bytes(b"no")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"none of its 1 image files is readable"):
+        stage2_data.folder_features(random_model, tmp_path / "bad", n=5)
+
+
+def test_text_stats_measure_the_text_alone():
+    good = "There is a large red circle on the left. A small blue square is on the right of it."
+    rep = "A red circle. A red circle. A red circle. A red circle."
+    st = stage2_data.text_stats([good, rep])
+    assert st["failure_rate"] == 0.5 and st["mean_words"] == (19 + 12) / 2
+    assert st["repeated_sentence_rate"] > 0.3 and 0 < st["repeated_ngram_rate"] < 1
+    assert stage2_data.text_stats([]) == {"repeated_ngram_rate": 0.0, "repeated_sentence_rate": 0.0,
+                                          "failure_rate": 0.0, "mean_words": 0.0}
