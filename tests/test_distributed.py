@@ -266,7 +266,7 @@ def test_stage2_command_trains_on_an_align_folder(tmp_path, no_torchrun_env):
 def _readme_commands() -> list[str]:
     """The shell commands of the README's torchrun section (backslash continuations joined)."""
     text = (REPO / "README.md").read_text()
-    section = text.split("### Multi-GPU training with torchrun", 1)[1].split("\n## ", 1)[0]
+    section = re.split(r"\n##+ ", text.split("### Multi-GPU training with torchrun", 1)[1], maxsplit=1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     return [c.strip() for b in blocks for c in b.replace("\\\n", " ").splitlines() if c.strip()]
 
