@@ -234,7 +234,7 @@ def run_training(a: argparse.Namespace, tc, d):
     from . import distributed as D
     from . import stage1, stage2
     from .config import get_config
-    from .data import ImageProcessor, shard_urls
+    from .data import shard_urls
     from .model import MiniGPT4
 
     torch.manual_seed(a.seed)
@@ -260,8 +260,7 @@ def run_training(a: argparse.Namespace, tc, d):
         get_batch = D.rank_slice(stage1.caption_batches(fs, B * W, cfg.max_txt_len_stage1), d, B)
         source = f"{len(fs)} cached features of {a.features}"
     else:
-        stream = D.ShardStream(urls, ImageProcessor(cfg, train=True), seed=a.seed)
-        get_batch = D.stream_batches(stream, B, a.workers, cfg.max_txt_len_stage1)
+        get_batch, _ = stage1.shard_batches(model, urls, B, cfg.max_txt_len_stage1, seed=a.seed, workers=a.workers)
         source = f"{len(urls)} shards streamed through the frozen encoder"
     net = D.DistributedProjection(model, d) if d.grouped else model
     trainer = D.DistributedTrainer(net, tc, get_batch, a.out, d)

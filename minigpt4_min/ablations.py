@@ -79,6 +79,13 @@ class Budget:
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
+    def schedule(self, stage: int, seed: int):
+        """The stage's tiny preset at this budget: warmup 10 % of the steps, cosine to lr / 10."""
+        steps, batch, lr = ((self.stage1_steps, self.stage1_batch, self.stage1_lr) if stage == 1
+                            else (self.stage2_steps, self.stage2_batch, self.stage2_lr))
+        return train_config(stage, "tiny", max_steps=steps, batch_size=batch, lr=lr, min_lr=lr / 10,
+                            warmup_steps=max(1, steps // 10), seed=seed)
+
 
 BUDGETS = {"default": Budget(),
            "ci": Budget(n_train=400, stage1_steps=12, stage1_batch=16, stage2_steps=4, stage2_batch=8,
@@ -143,8 +150,11 @@ def prepare(run_dir: str | Path, budget: Budget, align_dir: str | Path) -> Path:
     """Encode the stage-1 pairs, the curated stage-2 set and the test images once, for every
     projector kind; returns the folder (reused when it is complete)."""
     folder = features_dir(run_dir, budget)
-    if (folder / "done.json").exists():
+    done = folder / "done.json"
+    source = str(Path(align_dir).resolve())
+    if done.exists() and json.loads((folder / "align.json").read_text())["source"] == source:
         return folder
+    done.unlink(missing_ok=True)                                  # another curated set: encode again
     items = read_cc_sbu_align(align_dir)
     if not items:
         raise ValueError(f"{align_dir}/filter_cap.json has no annotations: run notebook 03 first")
@@ -156,7 +166,7 @@ def prepare(run_dir: str | Path, budget: Budget, align_dir: str | Path) -> Path:
         save_file(encode_all(encoder, [sw.render(s, cfg.image_size) for s in scenes]), str(folder / f"{name}.safetensors"))
     save_file(encode_all(encoder, [load_image(p) for _, p, _ in items]), str(folder / "align.safetensors"))
     (folder / "align.json").write_text(json.dumps({"ids": [i for i, _, _ in items], "captions": [c for *_, c in items],
-                                                    "source": str(align_dir)}))
+                                                    "source": source}))
     (folder / "done.json").write_text(json.dumps(asdict(budget)))
     return folder
 
@@ -206,16 +216,12 @@ class Workbench:
         captions = stage1_captions(self.train_scenes, cell.position_share)
         train = self.feature_set("train", cell.projector, idx, captions)
         test = self.feature_set("test", cell.projector)
-        tc1 = train_config(1, "tiny", max_steps=b.stage1_steps, batch_size=b.stage1_batch, lr=b.stage1_lr,
-                           min_lr=b.stage1_lr / 10, warmup_steps=max(1, b.stage1_steps // 10), seed=cell.seed)
-        h1 = Trainer(model, tc1, stage1.caption_batches(train, b.stage1_batch, self.cfg.max_txt_len_stage1)).train(progress=False)
+        h1 = Trainer(model, b.schedule(1, cell.seed), stage1.caption_batches(train, b.stage1_batch, self.cfg.max_txt_len_stage1)).train(progress=False)
         clock("stage1")
         m1 = self.evaluate(model, test)
         clock("eval")
-        tc2 = train_config(2, "tiny", max_steps=b.stage2_steps, batch_size=b.stage2_batch, lr=b.stage2_lr,
-                           min_lr=b.stage2_lr / 10, warmup_steps=max(1, b.stage2_steps // 10), seed=cell.seed)
         align = self.feature_set("align", cell.projector)
-        h2 = Trainer(model, tc2, stage2.instruction_batches(align, b.stage2_batch, self.cfg.max_txt_len_stage2,
+        h2 = Trainer(model, b.schedule(2, cell.seed), stage2.instruction_batches(align, b.stage2_batch, self.cfg.max_txt_len_stage2,
                                                              VICUNA_TEMPLATE)).train(progress=False)
         clock("stage2")
         m2 = self.evaluate(model, test)
@@ -260,15 +266,18 @@ def _run_in_worker(cell: Cell) -> dict:
 
 
 def cells_dir(run_dir: str | Path, budget: Budget) -> Path:
-    return Path(run_dir) / "ablations" / f"cells-{budget.key()}"
+    """Where the cells of this budget on the prepared curated set are cached."""
+    source = json.loads((features_dir(run_dir, budget) / "align.json").read_text())["source"]
+    return Path(run_dir) / "ablations" / f"cells-{budget.key()}-{hashlib.sha256(source.encode()).hexdigest()[:6]}"
 
 
 def run(todo_cells: list[Cell], run_dir: str | Path, budget: Budget, workers: int = 2) -> list[dict]:
     """Results of `todo_cells` (in that order): finished cells are read from
     `cells_dir(run_dir, budget)`, the others run, `workers` at a time, one thread each."""
-    folder, feats = cells_dir(run_dir, budget), features_dir(run_dir, budget)
+    feats = features_dir(run_dir, budget)
     if not (feats / "done.json").exists():
         raise FileNotFoundError(f"{feats} is not complete: call ablations.prepare(run_dir, budget, align_dir) first")
+    folder = cells_dir(run_dir, budget)
     folder.mkdir(parents=True, exist_ok=True)
     todo = [c for c in todo_cells if not (folder / f"{c.key()}.json").exists()]
 

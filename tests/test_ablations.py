@@ -153,3 +153,16 @@ def test_same_seed_same_numbers_with_any_number_of_workers_and_a_cache(small_run
 def test_run_needs_prepared_features(tmp_path):
     with pytest.raises(FileNotFoundError, match="ablations.prepare"):
         ab.run([ab.Cell()], tmp_path, ab.BUDGETS["ci"])
+
+
+def test_another_curated_set_is_encoded_again_and_cached_apart(small_run, tmp_path):
+    root, budget = small_run
+    run = tmp_path / "run"
+    ab.prepare(run, budget, root / "align")
+    first = ab.cells_dir(run, budget)
+    scenes = sw.split("stage2", 5)
+    write_cc_sbu_align(tmp_path / "other", ((f"sw{i:05d}", sw.render(s), sw.describe(s)) for i, s in enumerate(scenes)))
+    ab.prepare(run, budget, tmp_path / "other")
+    meta = json.loads((ab.features_dir(run, budget) / "align.json").read_text())
+    assert len(meta["ids"]) == 5 and meta["source"] == str((tmp_path / "other").resolve())
+    assert ab.cells_dir(run, budget) != first
