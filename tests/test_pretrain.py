@@ -144,3 +144,19 @@ def test_doc_mask_keeps_packed_documents_apart():
     assert (masked - alone).abs().max() < 1e-4
     assert (mixed - alone).abs().max() > 1e-3
     assert "position_ids" not in pretrain_llm.pack_documents(tok, random.Random(5), 1, 256)
+
+
+def test_binding_tells_the_right_colour_from_another_objects(monkeypatch):
+    """`binding` asks the colour of every uniquely-shaped object in scenes of 2+ objects; an
+    answer with its own colour is right, one with another object's colour is 'other_object'."""
+    from minigpt4_min import shapesworld as sw
+    scenes = [s for s in sw.split("val", 40) if len(s.objects) > 1]
+    qs = [(s, o) for s in scenes for o in s.objects if sum(x.shape == o.shape for x in s.objects) == 1]
+    wrong = [next((x.colour for x in s.objects if x.colour != o.colour), None) for s, o in qs]
+    for answers, right, other in (([f"The {o.shape} is {o.colour}." for _, o in qs], 1.0, 0.0),
+                                  ([f"The {o.shape} is {w or o.colour}." for (_, o), w in zip(qs, wrong)],
+                                   sum(w is None for w in wrong) / len(qs), sum(w is not None for w in wrong) / len(qs)),
+                                  (["There is no shape." for _ in qs], 0.0, 0.0)):
+        monkeypatch.setattr(pretrain_llm, "generate_text", lambda m, t, prompts, **kw: answers[:len(prompts)])
+        b = pretrain_llm.binding(None, None, scenes)
+        assert b["n"] == len(qs) > 10 and b["right"] == right and b["other_object"] == other
