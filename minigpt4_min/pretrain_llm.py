@@ -43,8 +43,10 @@ tied to the frozen input embeddings, doc_mask and 30 % of the documents full des
 right after the notes; 4,000 steps from scratch (50 min). Binding 0.50 / 0.50, held-out
 wordings 0.71 (what is at a place 0.61, from 0.98). At step 1,750 no head attended from
 the answer to the asked shape in the record, first-layer heads attended to the colour words
-by kind, and in two-object scenes it mostly named the other object's colour. So neither the
-record's order nor those differences from the first LLM is the cause.
+by kind, and in two-object scenes it mostly named the other object's colour. A model trained
+on nothing but such questions (width 192, tied head, 700 steps of 16 x 256 tokens) reached
+0.47 in either order. So neither the record's order nor those differences from the first
+LLM is the cause.
 
 The run saves itself every 250 steps (`llm_checkpoint/`: weights, tokenizer, AdamW
 moments, step) and, started again with the same arguments, resumes exactly there.

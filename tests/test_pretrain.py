@@ -11,6 +11,7 @@ from minigpt4_min.model import MiniGPT4
 
 _ACC, _EXACT, _ANSWERS = pretrain.encoder_attribute_accuracy, pretrain_llm.redescribe_exact, pretrain_llm.answer_accuracy
 _HELD, _CAPS, _DOCS = pretrain_llm.heldout_accuracy, pretrain_llm.caption_accuracy, pretrain_llm.corpus.documents
+_BIND = pretrain_llm.binding
 
 
 def _quick_evals(monkeypatch):
@@ -20,6 +21,7 @@ def _quick_evals(monkeypatch):
     monkeypatch.setattr(pretrain_llm, "answer_accuracy", lambda model, tok, scenes, **kw: _ANSWERS(model, tok, scenes[:4], **kw))
     monkeypatch.setattr(pretrain_llm, "heldout_accuracy", lambda model, tok, scenes, *a, **kw: _HELD(model, tok, scenes[:3], *a, **kw))
     monkeypatch.setattr(pretrain_llm, "caption_accuracy", lambda model, tok, scenes: _CAPS(model, tok, scenes[:4]))
+    monkeypatch.setattr(pretrain_llm, "binding", lambda model, tok, scenes: _BIND(model, tok, scenes[:6]))
     monkeypatch.setattr(pretrain_llm.corpus, "documents", lambda n, seed: _DOCS(min(n, 400), seed))
 
 
@@ -40,6 +42,7 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     llm = manifest["parts"]["llm"]
     assert set(llm["heldout_img_frame_val"]) >= {"all", "colour", "count", "yesno", "absent"}
     assert -1.0 <= llm["colour_collapse"] <= 1.0 and llm["block"] == pretrain_llm.LLM_BLOCK
+    assert llm["binding_val"]["n"] > 0 and llm["binding_val"]["right"] + llm["binding_val"]["other_object"] <= 1.0
     assert not (tmp_path / "llm_checkpoint").exists()          # a finished run leaves no checkpoint
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
     assert manifest["files_bytes"]["encoder/model.safetensors"] > 0
