@@ -42,6 +42,7 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     llm = manifest["parts"]["llm"]
     assert set(llm["heldout_img_frame_val"]) >= {"all", "colour", "count", "yesno", "absent"}
     assert -1.0 <= llm["colour_collapse"] <= 1.0 and llm["block"] == pretrain_llm.LLM_BLOCK
+    assert len(llm["binding_heads_val"]["per_layer"]) == get_config("tiny").llm["num_hidden_layers"]
     assert llm["binding_val"]["n"] > 0 and llm["binding_val"]["right"] + llm["binding_val"]["other_object"] <= 1.0
     assert not (tmp_path / "llm_checkpoint").exists()          # a finished run leaves no checkpoint
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
