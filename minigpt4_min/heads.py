@@ -11,7 +11,7 @@ then matches the asked shape and reads the colour stored there.
 
 `slot_attention` measures it: for every object of the record, how much each head attends
 from the object's shape word to its colour word (or any other slot of the same object).
-Measured (DESIGN.md §5, `pretrain_llm`'s docstring): the LLM shipped before issue 12,
+Measured (numbers in `pretrain_llm`'s docstring): the LLM shipped before issue 12,
 which binds colours (0.92), has such a head in layer 2 of 4 (0.95); the shipped LLM,
 which does not (0.51), has none before its last layer (at most 0.12 in layers 0-2, 0.77 in
 layer 3); neither has one in layer 0, whose inputs are the frozen random embeddings alone.
@@ -23,15 +23,14 @@ import torch
 from . import shapesworld as sw
 
 
-def _word_tokens(tok, prompt: str, start: int, words: list[str]) -> list[int]:
-    """The index of the token where each word of `prompt[start:]` begins (words joined by
-    single spaces), from the tokenizer's character offsets."""
-    offsets = tok(prompt, return_offsets_mapping=True)["offset_mapping"]
+def _word_tokens(offsets: list[tuple[int, int]], start: int, words: list[str]) -> list[int]:
+    """The index of the token where each word of the text from character `start` begins
+    (words joined by single spaces), from the tokenizer's character offsets."""
     firsts, at = [], start
     for w in words:
         hit = next((i for i, (a, b) in enumerate(offsets) if a <= at < b), None)
         if hit is None:
-            raise ValueError(f"no token covers character {at} ({w!r}) of the prompt {prompt!r}")
+            raise ValueError(f"no token covers character {at} ({w!r}) of the re-description prompt")
         firsts.append(hit)
         at += len(w) + 1
     return firsts
@@ -49,8 +48,9 @@ def slot_attention(model, tok, scenes: list[sw.Scene], src: str = "shape", dst: 
         notes = sw.notes(s)
         prompt = redescribe_prompt(s)
         words = notes.split()
-        first = _word_tokens(tok, prompt, prompt.index(notes), words)
-        ids = torch.tensor([tok(prompt)["input_ids"]], device=model.device)
+        enc = tok(prompt, return_offsets_mapping=True)                # one pass: ids and offsets
+        first = _word_tokens(enc["offset_mapping"], prompt.index(notes), words)
+        ids = torch.tensor([enc["input_ids"]], device=model.device)
         att = model(input_ids=ids, output_attentions=True).attentions   # layers x (1, H, T, T)
         for k in range(0, len(sw.POSITIONS) * len(sw.NOTE_SLOT), len(sw.NOTE_SLOT)):
             if words[k + i_src] == sw.NONE_WORD:
