@@ -143,8 +143,8 @@ TINY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
 TINY_QFORMER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                     intermediate_size=512, cross_attention_frequency=2,
                     encoder_hidden_size=128, vocab_size=2)
-TINY_LLM = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                num_attention_heads=8, max_position_embeddings=512)  # vocab from tokenizer
+TINY_LLM = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=6, max_position_embeddings=512)  # vocab from tokenizer
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", 64, TINY_VISION, TINY_QFORMER, 24, TINY_LLM,

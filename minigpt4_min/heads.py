@@ -11,10 +11,12 @@ then matches the asked shape and reads the colour stored there.
 
 `slot_attention` measures it: for every object of the record, how much each head attends
 from the object's shape word to its colour word (or any other slot of the same object).
-Measured (numbers in `pretrain_llm`'s docstring): the LLM shipped before issue 12,
-which binds colours (0.92), has such a head in layer 2 of 4 (0.95); the shipped LLM,
-which does not (0.51), has none before its last layer (at most 0.12 in layers 0-2, 0.77 in
-layer 3); neither has one in layer 0, whose inputs are the frozen random embeddings alone.
+Measured on 40 validation scenes (numbers in `pretrain_llm`'s docstring): the first
+miniature LLM (commit 467dec4), which binds colours (0.92), has such a head in layer 2 of 4
+(0.95); the LLM shipped before this one, a one-phase run on today's corpus that does not
+bind (0.51), had none before its last layer (at most 0.12 in layers 0-2, 0.77 in layer 3);
+the shipped LLM, the first one continued on today's corpus, keeps its head (0.96) and binds
+0.89. No LLM has one in layer 0, whose inputs are the frozen random embeddings alone.
 """
 from __future__ import annotations
 

@@ -46,11 +46,11 @@ def test_binding_heads_summarises_each_layer_and_restores_attention():
 
 def test_the_manifest_records_the_shipped_llms_binding_heads():
     """The shipped LLM's entry is what `binding_heads` measures on it (its first 40
-    validation scenes): no shape -> colour head before its last layer."""
+    validation scenes): its shape -> colour head sits before its last layer, where binding can use it."""
     import json
     path = DATA_DIR / "tiny" / "llm"
     entry = json.loads((DATA_DIR / "tiny" / "manifest.json").read_text())["parts"]["llm"]["binding_heads_val"]
     model = transformers.LlamaForCausalLM.from_pretrained(str(path)).eval()
     measured = heads.binding_heads(model, load_tokenizer(path), sw.split("val", 40))
     assert measured == {k: v for k, v in entry.items() if k != "note"}
-    assert measured["before_last_layer"] is False
+    assert measured["before_last_layer"] is True
