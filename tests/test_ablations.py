@@ -131,7 +131,8 @@ def test_held_out_test_images_and_features(small_run):
     assert not test & train and not test & align
     assert bench.feats["train"]["queries"].shape == (64, 24, 128)
     assert bench.feats["test"]["patches"].shape == (6, 16, 512)
-    assert [r["params"] for r in ab.what_trains(bench)][0] == 128 * 256 + 256
+    d_llm = get_config("tiny").llm["hidden_size"]
+    assert [r["params"] for r in ab.what_trains(bench)][0] == 128 * d_llm + d_llm     # Linear(128, d_llm)
 
 
 def test_same_seed_same_numbers_with_any_number_of_workers_and_a_cache(small_run, monkeypatch):
