@@ -9,18 +9,19 @@ then freezes them and ships them in `data/tiny/`:
   notes record (a per-query "slot" objective: each place of the image has its queries)
   and the mean of the queries predicts the bag of words (a pooled objective; DESIGN.md
   §5 found the two together best);
-* LLM: transformers `LlamaForCausalLM` + byte-level BPE, trained on TEXT ONLY: see
-  `pretrain_llm.py` (resumable from its own checkpoint).
+* LLM: transformers `LlamaForCausalLM` + byte-level BPE, trained on TEXT ONLY, in the
+  three phases of `curriculum.py` (each a resumable run of `pretrain_llm.py`).
 
 The shipped LLM was re-made (issue 12: a chat model that understands questions in a
-learner's own words, with a 512-position context); the shipped encoder was kept as it was
-made before by this same command (its manifest entry is kept). `data/tiny/manifest.json`
-records each part's recipe, time and measured quality.
+learner's own words and binds each colour to its shape, with a 512-position context); the
+shipped encoder was kept as it was made before by this same command (its manifest entry is
+kept). `data/tiny/manifest.json` records each part's recipe, time and measured quality.
 
-Reproduce the shipped files (about 2 h 20 min on an otherwise idle 2-core CPU: the encoder
-about 55 minutes in two phases, from scratch and then continued with a fresh warmup + cosine at
-a lower learning rate; the LLM likewise, 4,000 + 1,500 steps at about 0.95 s a step;
-`--device cuda` trains the LLM on a GPU):
+Reproduce the shipped files (the encoder about 55 minutes on an otherwise idle 2-core CPU,
+in two phases, from scratch and then continued with a fresh warmup + cosine at a lower
+learning rate; the LLM's three phases 2,283 + 978 + 1,358 s when they were made;
+`--device cuda` trains the LLM on a GPU). Started again after an interruption, the command
+skips the phases it has finished and resumes the cut one from its checkpoint:
 
     python -m minigpt4_min.pretrain --out data/tiny
     python -m minigpt4_min.pretrain --out data/tiny --part llm      # the LLM alone
@@ -46,7 +47,8 @@ from . import shapesworld as sw
 from .config import DATA_DIR, TrainConfig, get_config
 from .data import ImageProcessor
 from .encoder import VisualEncoder
-from .pretrain_llm import LLM_CONTINUE, LLM_TRAIN, phases_history, pretrain_llm
+from . import curriculum
+from .pretrain_llm import phases_history
 from .train import build_optimizer, lr_at
 
 ENCODER_TRAIN = TrainConfig(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=200,
@@ -207,15 +209,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=DATA_DIR / "tiny")
     ap.add_argument("--part", choices=("all", "encoder", "llm"), default="all")
     ap.add_argument("--encoder-steps", type=int, default=ENCODER_TRAIN.max_steps)
-    ap.add_argument("--llm-steps", type=int, default=LLM_TRAIN.max_steps)
+    ap.add_argument("--llm-recipe", choices=tuple(curriculum.RECIPES), default="curriculum",
+                    help="the LLM's phases (curriculum.py): the shipped curriculum, or the one-phase recipe before it")
+    ap.add_argument("--llm-steps", type=int, nargs="+", default=None,
+                    help="steps of each of the recipe's phases (default: the recipe's; 0 skips a later phase)")
     ap.add_argument("--encoder-continue-steps", type=int, default=ENCODER_TRAIN.max_steps,
                     help="phase 2: continue the encoder on new scenes (0 = skip)")
     ap.add_argument("--encoder-init", type=Path, default=None,
                     help="skip phase 1 and continue this saved encoder folder")
-    ap.add_argument("--llm-continue-steps", type=int, default=LLM_CONTINUE.max_steps,
-                    help="phase 2: continue the LLM at a lower learning rate (0 = skip)")
     ap.add_argument("--llm-init", type=Path, default=None,
-                    help="skip phase 1 and continue this saved LLM folder")
+                    help="this saved LLM folder stands for phase 1: the later phases continue it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llm-loss", choices=("all", "answers"), default="all",
@@ -237,16 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
             parts["encoder"] = pretrain_encoder(a.out, a.encoder_continue_steps, a.seed, init=init)
             print("encoder phase 2:", json.dumps(parts["encoder"]))
     if a.part in ("all", "llm"):
-        init = a.llm_init
-        if init is None:
-            parts["llm"] = pretrain_llm(a.out, a.llm_steps, a.seed, device=a.device,
-                                        answers_only=a.llm_loss == "answers", doc_mask=a.llm_doc_mask)
-            print("llm phase 1:", json.dumps(parts["llm"]))
-            init = a.out / "llm"
-        if a.llm_continue_steps:
-            parts["llm"] = pretrain_llm(a.out, a.llm_continue_steps, a.seed, init=init, device=a.device,
-                                        answers_only=a.llm_loss == "answers", doc_mask=a.llm_doc_mask)
-            print("llm phase 2:", json.dumps(parts["llm"]))
+        phases = curriculum.with_steps(curriculum.RECIPES[a.llm_recipe], a.llm_steps)
+        parts["llm"] = curriculum.run(a.out, phases, a.seed, init=a.llm_init, device=a.device,
+                                      answers_only=a.llm_loss == "answers", doc_mask=a.llm_doc_mask)
+        print("llm:", json.dumps({k: v for k, v in parts["llm"].items() if k != "phases"}))
     return write_manifest(a.out, parts, a.seed)
 
 

@@ -3,24 +3,23 @@
 MiniGPT-4 (arXiv 2304.10592 §3) freezes Vicuna, an LLM that learned language from text
 alone. Our miniature is a transformers `LlamaForCausalLM` (4 layers, width 192, 512
 positions: a 5-turn chat with an image fits) + a byte-level BPE tokenizer, trained on TEXT
-ONLY (`corpus.py`: scenes in words, chats about them in many wordings), with its input
+ONLY (scenes in words, chats about them: `corpus.py`, `corpus_first.py`), with its input
 embeddings frozen at random N(0, 0.3) against embedding collapse (DESIGN.md §5). Documents
-are packed whole into 512-token rows; the loss is on every token (`--llm-loss answers`:
-answers and captions only, as Vicuna was trained; see `pack_documents`).
+are packed whole into rows of 512 tokens (256 in the first phases); the loss is on every
+token (`--llm-loss answers`: answers and captions only, as Vicuna was trained).
 
-The shipped LLM is a curriculum, made in three phases. Phases 1-2 are the FIRST miniature
-LLM (commit 467dec4: 4,400 steps from scratch, then 2,000 at 5e-4, on that commit's corpus:
-one wording per question kind, a third of the documents full descriptions, 256-token rows,
-its own 974-token tokenizer); it learnt there to bind each colour to its shape (0.92).
-Phase 3 continues it for 2,000 steps on today's corpus (`--llm-init` that LLM,
-`LLM_CONTINUE`, 1,358 s on 2 threads): on 300 validation scenes it binds 0.89 (another
-object's colour 0.11), answers held-out wordings 0.73 (colour 0.84, size 0.66, position
-0.68, what is at a place 0.58, yes / no 0.72, absent 0.66) and the corpus's 0.97, in the
-`<Img>` framing 0.77; captions after notes 0.99. `make pretrain` from scratch does not make
-phases 1-2 (that corpus is not in this code): it makes the one-phase recipe below.
+The shipped LLM is a curriculum (`curriculum.py`), each phase one call of `pretrain_llm`:
+phases 1-2 on the FIRST corpus (`corpus_first.py`: one wording per question kind, 256-token
+rows, its own 974-token tokenizer), where it learns to bind each colour to its shape (0.92),
+then phase 3 on today's corpus. On 300 validation scenes it binds 0.89 (another object's
+colour 0.11), answers held-out wordings 0.73 (colour 0.84, size 0.66, position 0.68, what
+is at a place 0.58, yes / no 0.72, absent 0.66) and the corpus's 0.97, in the `<Img>`
+framing 0.77; captions after notes 0.99. Phases 1-2 were first run at commit 467dec4; this
+code gives the same weights to the last bit (checked over 6 + 4 steps, 2 threads).
 
-One phase, as shipped before: 4,000 steps from scratch (`LLM_TRAIN`), then 1,500 more at
-a lower learning rate on new documents (`LLM_CONTINUE`). The first phase learns to copy a
+One phase, as shipped before (`curriculum.ONE_PHASE`, `--llm-recipe one-phase`): 4,000
+steps from scratch on today's corpus (`LLM_TRAIN`), then 1,500 more at a lower learning
+rate on new documents (`LLM_CONTINUE`). The first phase learns to copy a
 record (re-description 0.35 at step 2,000, 0.97 at 3,000, measured on 40 validation scenes)
 long before it binds each colour to its shape (colour questions 0.64 in the corpus's own
 wordings after 4,000 steps, on 300): the second phase is for that.
@@ -43,8 +42,8 @@ through notebook 02 its stage-1 captions were worse (attribute accuracy 0.77 vs 
 its stage-1 model answered the long description prompt too briefly 65 % of the time (2 %).
 The LLM shipped before issue 12 (width 192, 256-token rows, one wording per question kind,
 a third of its documents full descriptions) did bind colours (0.92): it is phases 1-2 of
-the shipped curriculum (above). (`make pretrain`'s one phase now builds width 192 too, the
-shipped LLM's `TINY_LLM`; the numbers in this paragraph are from width 256.)
+the shipped curriculum (above). (`ONE_PHASE` now builds width 192 too, the shipped LLM's
+`TINY_LLM`; the numbers in this paragraph are from width 256.)
 
 `binding` measures it on every uniquely-shaped object of 300 validation scenes with two or
 more objects (371 questions): that LLM names the object's own colour in 0.51 and
@@ -75,13 +74,14 @@ moments, step) and, started again with the same arguments, resumes exactly there
 Quality is measured on validation scenes: re-description, questions per kind in the
 corpus's and in HELD-OUT wordings (`wordings.HELDOUT`), in the corpus's framing and in
 MiniGPT-4's `<Img>` framing that the corpus never contains, captions after notes, and the
-embedding-collapse check. `python -m minigpt4_min.pretrain --part llm` runs it.
+embedding-collapse check. `python -m minigpt4_min.pretrain --part llm` runs the curriculum.
 """
 from __future__ import annotations
 
 import json
 import random
 import re
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -91,7 +91,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import corpus, heads, wordings
+from . import corpus, corpus_first, heads, wordings
 from . import shapesworld as sw
 from .config import TrainConfig, get_config
 from .evaluate import accuracy_by_kind, caption_metrics, exact_scene, vqa_accuracy, vqa_questions
@@ -101,6 +101,7 @@ from .train import build_optimizer, lr_at
 LLM_TRAIN = TrainConfig(lr=2e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=200,
                         max_steps=4000, batch_size=8, weight_decay=0.1, seed=0)
 LLM_VOCAB = 1536
+CORPORA = {"chats": corpus, "first": corpus_first}   # corpus.py; corpus_first.py (curriculum.py)
 
 
 def phases_history(before: dict | None, metrics: dict) -> list[dict]:
@@ -202,14 +203,16 @@ LLM_CONTINUE = TrainConfig(lr=5e-4, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=50
 LLM_BLOCK = 512          # a 5-turn chat with an image and 120 new tokens fits (chat context 512)
 
 
-def pack_documents(tok, rng: random.Random, rows: int, block: int,
-                   answers_only: bool = False, doc_mask: bool = False) -> dict[str, torch.Tensor]:
-    """Fill `rows` rows of `block` tokens with WHOLE documents (BOS-separated), pad the rest.
+def pack_documents(tok, rng: random.Random, rows: int, block: int, answers_only: bool = False,
+                   doc_mask: bool = False, source=corpus) -> dict[str, torch.Tensor]:
+    """Fill `rows` rows of `block` tokens with WHOLE documents of `source` (a corpus module:
+    `corpus`, `corpus_first`; BOS-separated), pad the rest.
 
     Packing avoids wasting half of every batch on padding; keeping documents whole means
     no row ever starts mid-conversation, without the scene it talks about. `labels` are the
     ids, -100 on padding; with `answers_only`, also -100 on everything but the answers and
-    captions (`corpus.answer_spans`; a token counts when it starts inside one).
+    captions (`corpus.answer_spans`, the same in both corpora; a token counts when it
+    starts inside one).
 
     With `doc_mask`, also `position_ids` that restart at 0 with every document (the padding
     is a segment of its own): given them and no attention mask, transformers makes the
@@ -223,7 +226,7 @@ def pack_documents(tok, rng: random.Random, rows: int, block: int,
     for r in range(rows):
         used = 0
         while True:
-            doc = corpus.sample_doc(rng)
+            doc = source.sample_doc(rng)
             enc = tok(doc, return_offsets_mapping=answers_only)
             doc_ids = enc["input_ids"][:block]                          # starts with BOS
             if used + len(doc_ids) > block:
@@ -282,13 +285,22 @@ def _load_llm_checkpoint(folder: Path, opt, params, device: str) -> dict:
 
 def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
                  init: Path | None = None, device: str = "cpu", answers_only: bool = False,
-                 ckpt_every: int = 250, doc_mask: bool = False) -> dict:
-    """Pretrain the miniature LLM from scratch, or (`init`) continue training a saved one
-    with a fresh warmup + cosine at `LLM_CONTINUE`'s lower learning rate.
+                 ckpt_every: int = 250, doc_mask: bool = False, docs: str = "chats",
+                 block: int = LLM_BLOCK, batch_size: int | None = None, vocab: int = LLM_VOCAB,
+                 phase: str | None = None) -> dict:
+    """Pretrain the miniature LLM from scratch (a `vocab`-token tokenizer trained on the
+    corpus first), or (`init`) continue training a saved one with a fresh warmup + cosine
+    at `LLM_CONTINUE`'s lower learning rate: one phase of `curriculum.py`, on the corpus
+    `CORPORA[docs]`, rows of `block` tokens, `batch_size` of them (default: the config's);
+    `phase` names it in the record.
 
     Every `ckpt_every` steps the run saves itself to `out/llm_checkpoint/` (weights,
     tokenizer, optimizer moments, step); started again with the same arguments it resumes
-    from there, drawing the same documents (they depend on the seed and the step only)."""
+    from there, drawing the same documents (they depend on the seed and the step only).
+    The finished LLM replaces `out/llm/` in one rename, its record `pretraining.json` inside."""
+    if docs not in CORPORA:
+        raise ValueError(f"unknown corpus {docs!r}; expected one of {list(CORPORA)}")
+    source = CORPORA[docs]
     torch.manual_seed(seed)
     cfg = get_config("tiny")
     ckpt = out / "llm_checkpoint"
@@ -297,16 +309,17 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
     else:
         # tc.seed (seed + 1) picks the documents, so a continued phase reads new ones
         tc = LLM_CONTINUE.replace(max_steps=steps, warmup_steps=min(50, steps // 5), seed=seed + 1)
+    tc = tc.replace(batch_size=batch_size or tc.batch_size)
+    recipe = {"train": json.loads(json.dumps(asdict(tc))), "init": str(init) if init else None,
+              "doc_mask": doc_mask, "docs": docs, "block": block}
     state = json.loads((ckpt / "trainer_state.json").read_text()) if (ckpt / "trainer_state.json").exists() else None
-    if state is not None and (state["train"] != json.loads(json.dumps(asdict(tc)))
-                              or state["init"] != (str(init) if init else None)
-                              or state.get("doc_mask", False) != doc_mask):
+    if state is not None and any(state.get(k) != v for k, v in recipe.items()):
         print(f"{ckpt} belongs to another run (its recipe differs): starting afresh")
         state = None
     if state is not None:
         model, tok = transformers.LlamaForCausalLM.from_pretrained(str(ckpt)), load_tokenizer(ckpt)
     elif init is None:
-        tok = train_tokenizer(corpus.documents(20000, seed=seed + 10_000), vocab_size=LLM_VOCAB)
+        tok = train_tokenizer(source.documents(20000, seed=seed + 10_000), vocab_size=vocab)
         model = transformers.LlamaForCausalLM(tiny_llm_config(len(tok), tok, cfg.llm))
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, 0.3)  # frozen random input embeddings (DESIGN.md §5)
@@ -328,7 +341,7 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
         rng = random.Random(tc.seed * 1_000_003 + step)
-        batch = pack_documents(tok, rng, tc.batch_size, LLM_BLOCK, answers_only, doc_mask)
+        batch = pack_documents(tok, rng, tc.batch_size, block, answers_only, doc_mask, source)
         batch = {k: v.to(device) for k, v in batch.items()}
         # with doc_mask: position_ids, no attention mask and no cache -> a block-diagonal causal mask
         loss = model(**{k: v for k, v in batch.items() if not (doc_mask and k == "attention_mask")},
@@ -348,8 +361,7 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
             model.train()
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
             _save_llm_checkpoint(ckpt, model, tok, opt, params, {
-                "step": step + 1, "tokens_seen": n_tok, "seconds": time.time() - t0,
-                "train": asdict(tc), "init": str(init) if init else None, "doc_mask": doc_mask})
+                "step": step + 1, "tokens_seen": n_tok, "seconds": time.time() - t0, **recipe})
     model.eval()
     seconds = time.time() - t0
     val = sw.split("val", n_eval)
@@ -363,16 +375,20 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
                "binding_heads_val": heads.binding_heads(model, tok, val[:40]),
                "colour_collapse": colour_collapse(model, tok),
                "steps": steps, "seconds": round(seconds, 1),
-               "init": str(init) if init else None, "block": LLM_BLOCK,
+               "phase": phase, "init": str(init) if init else None, "docs": docs, "block": block,
                "tokens_seen": n_tok, "params": sum(p.numel() for p in model.parameters()),
                "vocab_size": len(tok), "answers_only": answers_only, "doc_mask": doc_mask, "train": asdict(tc),
                "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"}
-    model.cpu().save_pretrained(str(out / "llm"))
-    tok.save_pretrained(str(out / "llm"))
     record = Path(init) / "pretraining.json" if init else None
     before = json.loads(record.read_text()) if record and record.exists() else None
     metrics["phases"] = phases_history(before, metrics)
-    (out / "llm" / "pretraining.json").write_text(json.dumps(metrics, indent=2))
+    tmp = out / "llm.tmp"                # written whole, then renamed: never half a phase in out/llm
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.cpu().save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / "pretraining.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(out / "llm", ignore_errors=True)
+    tmp.rename(out / "llm")
     if ckpt.exists():                    # finished: the checkpoint has served
         for f in ckpt.iterdir():
             f.unlink()

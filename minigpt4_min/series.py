@@ -202,6 +202,14 @@ def gather(out_dir: str | Path, seconds: dict[str, float] | None = None,
     return table
 
 
+def keep_seconds(out_dir: Path, name: str, seconds: float) -> None:
+    """Write a notebook's wall-clock time into its own metrics file, so that a later run of
+    other notebooks into the same folder (`--only`) still reports it."""
+    path = Path(out_dir) / "metrics" / f"{name}.json"
+    if path.exists():
+        save_metrics(out_dir, name, {**json.loads(path.read_text()), "notebook_seconds": round(seconds, 1)})
+
+
 # What each notebook reads from the run folder, by the notebooks that write it.
 NEEDS = {"03": ("02",), "04": ("02", "03"), "05": ("02", "04"), "06": ("03",)}
 
@@ -237,6 +245,7 @@ def run_series(out_dir: str | Path, ci: bool = False, only: list[str] | None = N
         params = {"run_dir": str(out_dir), **(profile(nb) if profile else ci_parameters(nb) if ci else {})}
         print(f"notebook {k} of {len(chosen)}: {nb.stem}", flush=True)
         seconds[nb.stem] = run_notebook(nb, out_dir, params, kernel, progress=True)
+        keep_seconds(out_dir, nb.stem, seconds[nb.stem])
         print(f"  done in {seconds[nb.stem]:.0f} s (series so far {sum(seconds.values()):.0f} s)", flush=True)
     table = gather(out_dir, seconds, reference or reference_path(ci))
     head = (out_dir / "metrics.md").read_text().split("\n### ", 1)[0]

@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
-from minigpt4_min import pretrain, pretrain_llm
+from minigpt4_min import curriculum, pretrain, pretrain_llm
 from minigpt4_min.config import get_config
 from minigpt4_min.model import MiniGPT4
 
 
 _ACC, _EXACT, _ANSWERS = pretrain.encoder_attribute_accuracy, pretrain_llm.redescribe_exact, pretrain_llm.answer_accuracy
 _HELD, _CAPS, _DOCS = pretrain_llm.heldout_accuracy, pretrain_llm.caption_accuracy, pretrain_llm.corpus.documents
-_BIND = pretrain_llm.binding
+_BIND, _FIRST = pretrain_llm.binding, pretrain_llm.corpus_first.documents
 
 
 def _quick_evals(monkeypatch):
@@ -23,6 +23,7 @@ def _quick_evals(monkeypatch):
     monkeypatch.setattr(pretrain_llm, "caption_accuracy", lambda model, tok, scenes: _CAPS(model, tok, scenes[:4]))
     monkeypatch.setattr(pretrain_llm, "binding", lambda model, tok, scenes: _BIND(model, tok, scenes[:6]))
     monkeypatch.setattr(pretrain_llm.corpus, "documents", lambda n, seed: _DOCS(min(n, 400), seed))
+    monkeypatch.setattr(pretrain_llm.corpus_first, "documents", lambda n, seed: _FIRST(min(n, 400), seed))
 
 
 def test_pretrain_script_few_steps(tmp_path, monkeypatch):
@@ -30,13 +31,18 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "encoder_attribute_accuracy",
                         lambda enc, head, scenes, batch=250: _ACC(enc, head, scenes[:20]))
     _quick_evals(monkeypatch)
-    manifest = pretrain.main(["--out", str(tmp_path), "--encoder-steps", "3", "--llm-steps", "3",
-                              "--encoder-continue-steps", "2", "--llm-continue-steps", "2", "--threads", "1"])
+    args = ["--out", str(tmp_path), "--encoder-steps", "3", "--llm-steps", "3", "2", "2",
+            "--encoder-continue-steps", "2", "--threads", "1"]
+    manifest = pretrain.main(args)
     assert set(manifest["parts"]) == {"encoder", "llm"}
-    for part in ("encoder", "llm"):   # phase 1 from scratch, phase 2 continued from it
-        phases = manifest["parts"][part]["phases"]
-        assert [p["steps"] for p in phases] == [3, 2]
-        assert phases[0]["init"] is None and phases[1]["init"] == str(tmp_path / part)
+    phases = manifest["parts"]["encoder"]["phases"]    # phase 1 from scratch, phase 2 continued from it
+    assert [p["steps"] for p in phases] == [3, 2]
+    assert phases[0]["init"] is None and phases[1]["init"] == str(tmp_path / "encoder")
+    phases = manifest["parts"]["llm"]["phases"]        # the curriculum: 3 phases, each continuing the last
+    assert [(p["phase"], p["steps"], p["docs"], p["block"], p["train"]["batch_size"]) for p in phases] == [
+        (ph.name, n, ph.docs, ph.block, ph.batch_size) for ph, n in zip(curriculum.CURRICULUM, (3, 2, 2))]
+    assert [p["init"] for p in phases] == [None, str(tmp_path / "llm"), str(tmp_path / "llm")]
+    assert len({p["vocab_size"] for p in phases}) == 1       # one tokenizer, made in phase 1
     assert 0.0 <= manifest["parts"]["encoder"]["attribute_accuracy_val"] <= 1.0
     assert 0.0 <= manifest["parts"]["llm"]["answers_val"] <= 1.0
     llm = manifest["parts"]["llm"]
@@ -44,7 +50,7 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     assert -1.0 <= llm["colour_collapse"] <= 1.0 and llm["block"] == pretrain_llm.LLM_BLOCK
     assert len(llm["binding_heads_val"]["per_layer"]) == get_config("tiny").llm["num_hidden_layers"]
     assert llm["binding_val"]["n"] > 0 and llm["binding_val"]["right"] + llm["binding_val"]["other_object"] <= 1.0
-    assert not (tmp_path / "llm_checkpoint").exists()          # a finished run leaves no checkpoint
+    assert not (tmp_path / "llm_checkpoint").exists() and not (tmp_path / "llm.tmp").exists()
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
     assert manifest["files_bytes"]["encoder/model.safetensors"] > 0
     cfg = get_config("tiny", encoder_path=str(tmp_path / "encoder"), llm_path=str(tmp_path / "llm"))
@@ -57,6 +63,56 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     # the frozen input embeddings kept their random N(0, 0.3) init
     std = model.llm.get_input_embeddings().weight.std().item()
     assert 0.25 < std < 0.35
+    # started again, the LLM's finished phases are skipped and its files left as they were
+    before = (tmp_path / "llm" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(curriculum, "pretrain_llm", lambda *a, **kw: pytest.fail("a finished phase re-ran"))
+    again = pretrain.main(args[:2] + ["--part", "llm"] + args[2:])
+    assert again["parts"]["llm"]["phases"] == phases
+    assert (tmp_path / "llm" / "model.safetensors").read_bytes() == before
+
+
+def test_curriculum_runs_only_the_phases_not_done(tmp_path, monkeypatch):
+    """A run cut after phase 2 re-runs phase 3 only, from phase 2's LLM; `--llm-init` stands
+    for phase 1; a folder holding another recipe's LLM is started over."""
+    ran = []
+
+    def fake(out, steps, seed, init=None, phase=None, docs=None, block=None, batch_size=None, **kw):
+        ran.append((phase, init))
+        record = out / "llm" / "pretraining.json"
+        before = json.loads(record.read_text())["phases"] if init and record.exists() else []
+        m = {"phase": phase, "steps": steps, "docs": docs, "block": block, "train": {"batch_size": batch_size}}
+        (out / "llm").mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({**m, "phases": before + [m]}))
+        return m
+
+    monkeypatch.setattr(curriculum, "pretrain_llm", fake)
+    phases = curriculum.CURRICULUM
+    curriculum.run(tmp_path, phases[:2])
+    assert ran == [(phases[0].name, None), (phases[1].name, tmp_path / "llm")]
+    assert curriculum.phases_done(tmp_path, phases) == 2
+    ran.clear()
+    assert curriculum.run(tmp_path, phases)["phase"] == phases[2].name
+    assert ran == [(phases[2].name, tmp_path / "llm")]
+    ran.clear()
+    curriculum.run(tmp_path, curriculum.ONE_PHASE)             # another recipe's LLM: from scratch
+    assert [r[0] for r in ran] == [p.name for p in curriculum.ONE_PHASE] and ran[0][1] is None
+    ran.clear()
+    given = tmp_path / "given"
+    curriculum.run(tmp_path / "b", phases, init=given)
+    assert ran == [(phases[1].name, given), (phases[2].name, tmp_path / "b" / "llm")]
+    with pytest.raises(ValueError, match="3 numbers for 2 phases"):
+        curriculum.with_steps(curriculum.ONE_PHASE, [1, 2, 3])
+    assert [p.steps for p in curriculum.with_steps(phases, [5, 0, 7])] == [5, 7]
+
+
+def test_first_corpus_is_the_one_the_shipped_llm_began_on():
+    """Phase 1 trains its tokenizer on the first corpus; from `corpus_first` it comes out
+    token for token the shipped LLM's, so the corpus is the one that LLM was made from."""
+    from minigpt4_min.config import DATA_DIR
+    from minigpt4_min.llm import load_tokenizer, train_tokenizer
+    first = curriculum.CURRICULUM[0]
+    tok = train_tokenizer(pretrain_llm.CORPORA[first.docs].documents(20000, seed=10_000), first.vocab)
+    assert tok.get_vocab() == load_tokenizer(DATA_DIR / "tiny" / "llm").get_vocab()
 
 
 def test_answer_spans_cover_answers_and_captions_only():

@@ -101,6 +101,19 @@ def test_gather_writes_targets_first_then_metrics_beside_the_reference(tmp_path)
     assert "2 of 6 metrics drift beyond tolerance from" in md
 
 
+def test_a_partial_run_keeps_the_other_notebooks_times(tmp_path, monkeypatch):
+    """`--only 01` after a whole series: the report still has notebook 00's wall time."""
+    run = tmp_path / "run"
+    for name in ("00_overview", "01_frozen_encoder"):
+        series.save_metrics(run, name, {"x": 1.0, "notebook_seconds": 0.5})    # as a notebook writes it
+    times = iter([3.0, 7.0])
+    monkeypatch.setattr(series, "run_notebook", lambda *a, **kw: next(times))
+    series.run_series(run, only=["00"], reference=tmp_path / "absent.json")
+    table = series.run_series(run, only=["01"], reference=tmp_path / "absent.json")
+    assert (table["00_overview"]["notebook_seconds"], table["01_frozen_encoder"]["notebook_seconds"]) == (3.0, 7.0)
+    assert table["00_overview"]["x"] == 1.0
+
+
 def test_gather_without_reference_says_how_to_record_one(tmp_path):
     run = _synthetic_run(tmp_path)
     series.gather(run, reference=tmp_path / "absent.json")
