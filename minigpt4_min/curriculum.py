@@ -26,7 +26,8 @@ binding 0.51), kept to compare: `--llm-recipe one-phase`.
 `run` skips a phase whose result is already in `out/llm/` (its record lists the same
 phases, in order), and a phase cut off resumes from its own checkpoint, so
 `python -m minigpt4_min.pretrain --part llm` started again after an interruption picks up
-where it stopped.
+where it stopped. An LLM whose record names no such phases (the shipped one, whose
+phases were run before they had names) is re-made from phase 1.
 """
 from __future__ import annotations
 

@@ -148,7 +148,7 @@ def test_04_stage2_metrics_and_same_seed_same_table(ci_run, tmp_path):
     assert m["n_train_pairs"] == table["03_stage2_data"]["n_kept"]
     # the ceiling row: the frozen LLM answers the same questions from the notes in words
     assert 0.35 < m["vqa_ceiling_notes_in_words"] <= 1.0
-    # steps 0: scaled to the curated set (1.4 passes, at least 50)
+    # steps 0: scaled to the curated set (1.4 passes, at least 100)
     assert m["steps"] == stage2.steps_for(m["n_train_pairs"], 16)
     # the yardstick: least squares onto the notes beats the projection trained from 400 steps of captions
     assert m["reference/detailed/attribute_accuracy"] > m["stage1/detailed/attribute_accuracy"]

@@ -76,9 +76,9 @@ def test_export_and_instruction_batches(random_model, tmp_path):
 def test_steps_scaled_to_the_set():
     assert stage2.steps_for(3439, 12) == 400                 # the paper's own stage 2
     assert STAGE2["full"].max_steps == stage2.steps_for(3439, STAGE2["full"].batch_size)   # presets agree
-    assert stage2.steps_for(776, 16) == round(stage2.PAPER_EPOCHS * 776 / 16)
+    assert stage2.steps_for(2162, 16) == round(stage2.PAPER_EPOCHS * 2162 / 16) == 189   # the default run's set
     assert stage2.steps_for(3439 * 2, 12) == 800             # twice the pairs, twice the steps
-    assert stage2.steps_for(10, 16) == 50                    # a tiny set still gets a minimum
+    assert stage2.steps_for(10, 16) == 100                   # a tiny set still gets a minimum
     assert stage2.steps_for(10, 16, min_steps=1) == 1
     for bad in ((0, 16), (100, 0)):
         with pytest.raises(ValueError, match="n_pairs > 0"):
