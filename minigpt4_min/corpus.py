@@ -192,13 +192,18 @@ def small_talk_doc(rng: random.Random) -> str:
 DOC_MIX = ((record_doc, 0.12), (chat_doc, 0.78), (skill_doc, 0.06), (small_talk_doc, 0.04))
 
 
-def sample_doc(rng: random.Random) -> str:
+def pick(mix, rng: random.Random):
+    """The function of a ((function, weight), ...) mix drawn by weight, with one rng.random()."""
     r, acc = rng.random(), 0.0
-    for fn, w in DOC_MIX:
+    for fn, w in mix:
         acc += w
         if r < acc:
-            break
-    doc = fn(rng)
+            return fn
+    return mix[-1][0]
+
+
+def sample_doc(rng: random.Random) -> str:
+    doc = pick(DOC_MIX, rng)(rng)
     if wd.uses_heldout(doc) or any(f in doc for f in FORBIDDEN):  # never, by construction; a guard
         return sample_doc(rng)
     return doc

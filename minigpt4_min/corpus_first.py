@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 
 from . import shapesworld as sw
+from .corpus import pick, record_doc     # catalogue lines (notes + caption), the same in both
 
 SYSTEMS = ("A chat between a curious human and an artificial intelligence assistant. "
            "The assistant gives helpful, detailed, and polite answers to the human's questions.",
@@ -41,15 +42,6 @@ def chat(turns: list[tuple[str, str]], rng: random.Random) -> str:
     for h, a in turns:
         out += f"###Human: {h} ###Assistant: {a}###" if spaced else f"###Human: {h}###Assistant: {a}###"
     return out
-
-
-def record_doc(rng: random.Random) -> str:
-    """2-4 catalogue lines: a scene's notes, then a short alt-text caption (no chat)."""
-    lines = []
-    for _ in range(rng.randint(2, 4)):
-        s = sw.sample_scene(rng)
-        lines.append(f"{sw.notes(s)} {sw.caption(s, rng)}\n")
-    return "".join(lines)
 
 
 def describe_doc(rng: random.Random) -> str:
@@ -87,12 +79,7 @@ DOC_MIX = ((record_doc, 0.15), (describe_doc, 0.35), (qa_doc, 0.30), (skill_doc,
 
 
 def sample_doc(rng: random.Random) -> str:
-    r, acc = rng.random(), 0.0
-    for fn, w in DOC_MIX:
-        acc += w
-        if r < acc:
-            return fn(rng)
-    return DOC_MIX[-1][0](rng)
+    return pick(DOC_MIX, rng)(rng)
 
 
 def documents(n: int, seed: int) -> list[str]:
