@@ -375,10 +375,13 @@ def grouped_bars(groups: list[str], series: dict[str, list[float]], ylabel: str,
         xs = [i + (k - (len(series) - 1) / 2) * w for i in range(len(groups))]
         err = (errors or {}).get(name)
         bars = ax.bar(xs, vals, w, label=name, yerr=err, capsize=3 if err else 0)
-        ax.bar_label(bars, ["" if v != v else f"{v:.2f}" for v in vals], fontsize=8, padding=2)   # NaN: no bar
+        ax.bar_label(bars, ["" if v != v else f"{v:.2f}" for v in vals], fontsize=7, padding=2,   # NaN: no bar
+                     rotation=90 if len(series) > 2 else 0)      # side by side, upright labels overlap
     ax.set_xticks(range(len(groups)), groups)
     if ylim:
-        ax.set_ylim(*ylim)
+        lo, hi = ylim                           # room above `hi` for the labels of the tallest bars
+        ax.set_ylim(lo, hi + (0.2 if len(series) > 2 else 0.1) * (hi - lo))
+        ax.set_yticks([t for t in ax.get_yticks() if lo <= t <= hi])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
