@@ -77,7 +77,7 @@ lavis-fixture-check: $(LAVIS_VENV)/.installed   ## rebuild the fixture in a temp
 lab: $(VENV)/.lab-installed         ## open JupyterLab on notebooks/ with the project's kernel (options: LAB_ARGS="...")
 	$(VENV)/bin/jupyter-lab --notebook-dir=notebooks $(AS_ROOT) $(LAB_ARGS)
 
-pretrain: $(VENV)/.installed        ## re-make the shipped miniature encoder + LLM (about two hours)
+pretrain: $(VENV)/.installed        ## re-make the shipped miniature encoder + LLM (about 2 h 15 min on 2 cores; resumable)
 	$(PY) -m minigpt4_min.pretrain --out data/tiny
 
 clean:
