@@ -39,7 +39,7 @@ phases were run before they had names) is re-made from phase 1.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .pretrain_llm import LLM_BLOCK, LLM_VOCAB, pretrain_llm
@@ -73,8 +73,7 @@ def with_steps(phases: tuple[Phase, ...], steps: list[int] | None) -> tuple[Phas
                          f"({', '.join(p.name for p in phases)})")
     if steps[0] < 1:
         raise ValueError(f"--llm-steps: the first phase needs at least 1 step, got {steps[0]}")
-    return tuple(Phase(p.name, p.docs, n, p.batch_size, p.block, p.vocab)
-                 for p, n in zip(phases, steps) if n > 0)
+    return tuple(replace(p, steps=n) for p, n in zip(phases, steps) if n > 0)
 
 
 def _matches(done: dict, phase: Phase) -> bool:

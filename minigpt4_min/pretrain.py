@@ -17,9 +17,10 @@ learner's own words and binds each colour to its shape, with a 512-position cont
 shipped encoder was kept as it was made before by this same command (its manifest entry is
 kept). `data/tiny/manifest.json` records each part's recipe, time and measured quality.
 
-Reproduce the shipped files (the encoder about 55 minutes on an otherwise idle 2-core CPU,
-in two phases, from scratch and then continued with a fresh warmup + cosine at a lower
-learning rate; the LLM's three phases 2,283 + 978 + 1,358 s when they were made;
+Re-make the shipped parts (the LLM's recipe, not its weights: a run from scratch drifts from
+the one that made them, see curriculum.py; the encoder about 55 minutes on an otherwise idle
+2-core CPU, in two phases, from scratch and then continued with a fresh warmup + cosine at a
+lower learning rate; the LLM's three phases 2,283 + 978 + 1,358 s when they were made;
 `--device cuda` trains the LLM on a GPU). Started again after an interruption, the command
 skips the phases it has finished and resumes the cut one from its checkpoint:
 
