@@ -161,9 +161,18 @@ def build(out: Path) -> None:
     print(f"wrote {out}: {sum(f.stat().st_size for f in out.iterdir()) / 1024:.0f} KiB")
 
 
-def compare(new: Path, ref: Path, atol: float = 0.0) -> int:
-    """0 when `new` holds the same config, weights and outputs as `ref` (max abs diff <= atol)."""
-    bad = []
+# A rebuild equals the committed fixture up to float32 rounding, not bit for bit: torch's CPU
+# kernels (the vectorised init, the matrix multiplies) round differently on other instruction
+# sets and thread counts. Rebuilt on a 2-core AVX-512 machine (2026-12-02) the weights differed
+# by up to 7.5e-9 and the outputs by up to 1.2e-6; the tolerance is the parity tests' (1e-5,
+# tests/test_encoder.py), far below what a changed key, init or layer would move.
+ATOL = RTOL = 1e-5
+
+
+def compare(new: Path, ref: Path, atol: float = ATOL, rtol: float = RTOL) -> int:
+    """0 when `new` holds the same config, keys, shapes and dtypes as `ref`, and every weight
+    and output agrees within |a - b| <= atol + rtol |b|; the largest difference is printed."""
+    bad, worst = [], 0.0
     if json.loads((new / "config.json").read_text()) != json.loads((ref / "config.json").read_text()):
         bad.append("config.json differs")
     for name in ("eva_vit_g", "blip2", "outputs"):
@@ -174,9 +183,14 @@ def compare(new: Path, ref: Path, atol: float = 0.0) -> int:
         for k in a:
             if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype:
                 bad.append(f"{name}/{k}: {tuple(a[k].shape)} {a[k].dtype} vs {tuple(b[k].shape)} {b[k].dtype}")
-            elif (d := (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0) > atol:
-                bad.append(f"{name}/{k}: max abs diff {d:.3g}")
-    print("\n".join(bad) if bad else f"{new} reproduces {ref} (max abs diff <= {atol})")
+                continue
+            x, y = a[k].double(), b[k].double()
+            diff = (x - y).abs()
+            worst = max(worst, diff.max().item() if diff.numel() else 0.0)
+            if diff.numel() and (diff > atol + rtol * y.abs()).any():
+                bad.append(f"{name}/{k}: max abs diff {diff.max().item():.3g} (tolerance {atol:g} + {rtol:g} x |ref|)")
+    print("\n".join(bad) if bad else
+          f"{new} reproduces {ref} (largest difference {worst:.3g}; tolerance {atol:g} + {rtol:g} x |ref|)")
     return 1 if bad else 0
 
 
