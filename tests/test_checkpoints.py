@@ -228,3 +228,33 @@ def test_wrong_size_projection_names_both_sizes(random_model, tmp_path):
     torch.save({"model": {"query_tokens": torch.zeros(1)}}, tmp_path / "no_proj.pth")
     with pytest.raises(ValueError, match=r"no_proj\.pth holds no llama_proj"):
         m.load_projection(tmp_path / "no_proj.pth")
+
+
+def test_fixture_check_tolerates_rounding_but_not_a_changed_weight(tmp_path, capsys):
+    """`make lavis-fixture-check`'s comparison: a rebuild that differs in the last float32 bits
+    (another CPU's kernels) passes; a weight moved as little as 1e-3, or a missing key, fails."""
+    import importlib.util
+    import shutil
+
+    from safetensors.torch import save_file
+    spec = importlib.util.spec_from_file_location("lavis_fixture", FIXTURE.parents[2] / "tools" / "lavis_fixture.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def rebuilt(change):
+        new = tmp_path / f"new{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(FIXTURE, new)
+        sd = load_file(str(new / "eva_vit_g.safetensors"))
+        change(sd)
+        save_file(sd, str(new / "eva_vit_g.safetensors"))
+        return new
+
+    key = "blocks.0.mlp.fc1.weight"
+    ulp = rebuilt(lambda sd: sd.__setitem__(key, torch.nextafter(sd[key], torch.full_like(sd[key], 1.0))))
+    assert tool.compare(ulp, FIXTURE) == 0
+    assert tool.compare(ulp, FIXTURE, atol=0.0, rtol=0.0) == 1           # not bit-equal
+    moved = rebuilt(lambda sd: sd[key].__setitem__((0, 0), sd[key][0, 0] + 1e-3))
+    assert tool.compare(moved, FIXTURE) == 1
+    assert f"eva_vit_g/{key}: max abs diff 0.001" in capsys.readouterr().out
+    dropped = rebuilt(lambda sd: sd.pop(key))
+    assert tool.compare(dropped, FIXTURE) == 1
