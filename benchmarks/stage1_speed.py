@@ -9,7 +9,8 @@ Three measurements, each with the shipped frozen parts and the library's own cod
 - a profile of fp32 steps grouped by kind of operator (matrix multiplies, attention,
   cross-entropy, the rest), as shares of the profiled CPU time;
 - the work before training starts: rendering + writing `--images` ShapesWorld samples as
-  shards, then encoding them with the frozen encoder, per 1,000 images;
+  shards, then encoding them with the frozen encoder, per 1,000 images, with the ViT in fp32
+  and in the tiny preset's dtype (`config.cpu_vit_dtype`: bf16 on CPUs with native bf16);
 and, with `--run-dir`, the times a `make series` run recorded for notebook 02.
 
 Run it on an otherwise idle machine (2 threads on 2 cores: any other busy process makes
@@ -32,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 from minigpt4_min import shapesworld as sw
 from minigpt4_min import stage1
 from minigpt4_min.config import get_config, train_config
+from minigpt4_min.encoder import VisualEncoder
 from minigpt4_min.model import MiniGPT4
 from minigpt4_min.train import Trainer
 
@@ -77,15 +79,19 @@ def op_shares(model, fs, batch: int, steps: int = 3) -> dict[str, float]:
 
 
 def before_training(model, n: int) -> dict[str, float]:
+    """Seconds per 1,000 images to write ShapesWorld shards, then to encode them with the ViT in
+    fp32 and in the preset's dtype (the same shards, no cache)."""
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         shards = stage1.write_shapesworld_shards(Path(tmp) / "shards", "train", n, model.cfg.image_size,
                                                  shard_size=max(n // 2, 1))
-        write = time.perf_counter() - t
-        t = time.perf_counter()
-        stage1.encode_shards(model, shards)
-        encode = time.perf_counter() - t
-    return {"write_shards_s_per_1000": round(1000 * write / n, 2), "encode_s_per_1000": round(1000 * encode / n, 2)}
+        res = {"write_shards_s_per_1000": round(1000 * (time.perf_counter() - t) / n, 2)}
+        for dtype in dict.fromkeys(["float32", get_config("tiny").vit_dtype]):
+            m = MiniGPT4(model.cfg, VisualEncoder.load(get_config("tiny", vit_dtype=dtype)), model.llm, model.tokenizer)
+            t = time.perf_counter()
+            stage1.encode_shards(m, shards)
+            res[f"encode_s_per_1000_vit_{dtype}"] = round(1000 * (time.perf_counter() - t) / n, 2)
+    return res
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = MiniGPT4.from_config(get_config("tiny"))
     fs = synthetic_features(model.cfg, 2000)
-    res = {"batch": a.batch, "threads": a.threads, "load_average_before": os.getloadavg()[0],
+    res = {"batch": a.batch, "threads": a.threads, "vit_dtype": model.cfg.vit_dtype,
+           "load_average_before": os.getloadavg()[0],
            "step_s_fp32": round(step_seconds(model, fs, a.batch, a.steps, bf16=False), 4)}
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         res["step_s_bf16_autocast"] = round(step_seconds(model, fs, a.batch, a.steps, bf16=True), 4)
@@ -110,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.run_dir and (a.run_dir / "metrics.json").exists():
         nb = json.loads((a.run_dir / "metrics.json").read_text()).get("02_stage1_pretraining", {})
         res["notebook_02"] = {k: nb.get(k) for k in ("notebook_seconds", "train_seconds", "steps",
-                                                      "notebook_seconds_to_train_start")}
+                                                      "notebook_seconds_to_train_start",
+                                                      "caption_attribute_accuracy", "detail_failure_rate")}
     res["load_average_after"] = os.getloadavg()[0]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -38,7 +38,7 @@ class ModelConfig:
     llm_path: str = ""                # HF-format LLM folder (weights + tokenizer)
     proj_group: int = 4               # where the features are ViT patches (`reads_patches`: the Llama-2
                                       # variant, the no_qformer ablation): 4 adjacent patch tokens -> 1 token
-    vit_dtype: str = "float32"        # the paper runs the ViT in fp16 on GPUs
+    vit_dtype: str = "float32"        # the paper runs the ViT in fp16 on GPUs; tiny: `cpu_vit_dtype`
     ln_vision_eps: float | None = None  # LAVIS's ln_vision is nn.LayerNorm's 1e-5; None = the ViT's eps
     llm_dtype: str = "float32"
     prompt_template: str = VICUNA_TEMPLATE
@@ -137,6 +137,18 @@ VICUNA_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=4
                   num_attention_heads=40, vocab_size=32000, max_position_embeddings=2048)
 LLAMA2_7B = dict(VICUNA_7B, max_position_embeddings=4096)
 
+def cpu_vit_dtype() -> str:
+    """The tiny ViT's dtype: "bfloat16" where this CPU multiplies bf16 natively (AVX-512 BF16
+    or AMX), else "float32": the CPU's counterpart of the paper's fp16 ViT. Measured on 2 cores
+    with AVX-512 BF16 (2026-12-02): 2,000 images encoded in 2.3 s instead of 3.9 s, features
+    0.4 % apart (relative norm), the same attribute accuracy of the encoder's notes head
+    (0.995 on 300 test scenes). Without those instructions bf16 is emulated and slower."""
+    import torch
+    native = any(getattr(torch.cpu, f, lambda: False)()
+                 for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bfloat16" if native else "float32"
+
+
 TINY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                    num_attention_heads=4, image_size=64, patch_size=8, qkv_bias=True,
                    layer_norm_eps=1e-6)
@@ -149,7 +161,8 @@ TINY_LLM = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", 64, TINY_VISION, TINY_QFORMER, 24, TINY_LLM,
                         encoder_path=str(DATA_DIR / "tiny" / "encoder"),
-                        llm_path=str(DATA_DIR / "tiny" / "llm"), context_len=512),
+                        llm_path=str(DATA_DIR / "tiny" / "llm"), context_len=512,
+                        vit_dtype=cpu_vit_dtype()),
     "vicuna7b": ModelConfig("vicuna7b", 224, EVA_VIT_G, BLIP2_QFORMER, 32, VICUNA_7B,
                             encoder_path="Salesforce/blip2-flan-t5-xxl", llm_path="vicuna-7b",
                             vit_dtype="float16", llm_dtype="float16", ln_vision_eps=1e-5,
@@ -171,9 +184,12 @@ STAGE1: dict[str, TrainConfig] = {
     # paper: 4 epochs x 5000 iters, 64/GPU x 4 GPUs
     "full": TrainConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000,
                         max_steps=20000, batch_size=64, ckpt_every=5000),
-    # tiny: same schedule shape, scaled to minutes on 2 CPU cores
-    "tiny": TrainConfig(lr=1e-2, min_lr=1e-3, warmup_lr=1e-5, warmup_steps=100,
-                        max_steps=1200, batch_size=64, log_every=20),
+    # tiny: same schedule shape, scaled to minutes on 2 CPU cores. 800 steps at 2e-2 instead of
+    # 1,200 at 1e-2 (2026-12-02, seeds 0 / 1 / 2, 300 test images; benchmarks/stage1_recipes.py):
+    # caption attribute accuracy 0.000 / -0.001 / -0.007 apart in two thirds of the steps, but
+    # the detailed-description failure rate 0.03-0.08 higher on each seed
+    "tiny": TrainConfig(lr=2e-2, min_lr=2e-3, warmup_lr=1e-5, warmup_steps=80,
+                        max_steps=800, batch_size=64, log_every=20),
 }
 # max_steps: notebook 04 scales it to the curated set with `stage2.steps_for` (1.4 passes);
 # the values here are what that gives for the paper's set (3,439 pairs) and our default (776).

@@ -105,7 +105,7 @@ class FeatureSet:
 
 
 def _fingerprint(model: MiniGPT4, urls: list[Path]) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(model.cfg.vit_dtype.encode())              # bf16 and fp32 features differ
     for p in list(model.encoder.state_dict().values())[:4]:
         h.update(p.float().flatten()[:64].numpy().tobytes())
     for u in urls:
