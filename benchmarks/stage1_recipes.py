@@ -24,8 +24,8 @@ from minigpt4_min.evaluate import caption_metrics, failure_modes
 from minigpt4_min.model import MiniGPT4
 from minigpt4_min.train import Trainer
 
-RECIPES = {"before (1,200 x 64, lr 1e-2)": dict(steps=1200, batch=64, lr=1e-2),
-           "now (800 x 64, lr 2e-2)": dict(steps=800, batch=64, lr=2e-2)}
+RECIPES = {"default (1,200 x 64, lr 1e-2)": dict(steps=1200, batch=64, lr=1e-2),
+           "shorter (800 x 64, lr 2e-2)": dict(steps=800, batch=64, lr=2e-2)}
 
 
 def run(base: MiniGPT4, train_fs, test_fs, steps: int, batch: int, lr: float, seed: int) -> dict:
