@@ -10,7 +10,7 @@ Three measurements, each with the shipped frozen parts and the library's own cod
   cross-entropy, the rest), as shares of the profiled CPU time;
 - the work before training starts: rendering + writing `--images` ShapesWorld samples as
   shards, then encoding them with the frozen encoder, per 1,000 images, with the ViT in fp32
-  and in the tiny preset's dtype (`config.cpu_vit_dtype`: bf16 on CPUs with native bf16);
+  (the tiny preset's) and, where the CPU has bf16 instructions, in bf16 (`vit_dtype`);
 and, with `--run-dir`, the times a `make series` run recorded for notebook 02.
 
 Run it on an otherwise idle machine (2 threads on 2 cores: any other busy process makes
@@ -78,15 +78,15 @@ def op_shares(model, fs, batch: int, steps: int = 3) -> dict[str, float]:
     return {g: round(v / total, 3) for g, v in shares.items()}
 
 
-def before_training(model, n: int) -> dict[str, float]:
+def before_training(model, n: int, dtypes: list[str]) -> dict[str, float]:
     """Seconds per 1,000 images to write ShapesWorld shards, then to encode them with the ViT in
-    fp32 and in the preset's dtype (the same shards, no cache)."""
+    each of `dtypes` (the same shards, no cache)."""
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         shards = stage1.write_shapesworld_shards(Path(tmp) / "shards", "train", n, model.cfg.image_size,
                                                  shard_size=max(n // 2, 1))
         res = {"write_shards_s_per_1000": round(1000 * (time.perf_counter() - t) / n, 2)}
-        for dtype in dict.fromkeys(["float32", get_config("tiny").vit_dtype]):
+        for dtype in dtypes:
             m = MiniGPT4(model.cfg, VisualEncoder.load(get_config("tiny", vit_dtype=dtype)), model.llm, model.tokenizer)
             t = time.perf_counter()
             stage1.encode_shards(m, shards)
@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = MiniGPT4.from_config(get_config("tiny"))
     fs = synthetic_features(model.cfg, 2000)
-    res = {"batch": a.batch, "threads": a.threads, "vit_dtype": model.cfg.vit_dtype,
-           "load_average_before": os.getloadavg()[0],
+    res = {"batch": a.batch, "threads": a.threads, "load_average_before": os.getloadavg()[0],
            "step_s_fp32": round(step_seconds(model, fs, a.batch, a.steps, bf16=False), 4)}
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if bf16:
         res["step_s_bf16_autocast"] = round(step_seconds(model, fs, a.batch, a.steps, bf16=True), 4)
     res["op_shares_fp32"] = op_shares(model, fs, a.batch)
-    res.update(before_training(model, a.images))
+    res.update(before_training(model, a.images, ["float32", "bfloat16"] if bf16 else ["float32"]))
     if a.run_dir and (a.run_dir / "metrics.json").exists():
         nb = json.loads((a.run_dir / "metrics.json").read_text()).get("02_stage1_pretraining", {})
         res["notebook_02"] = {k: nb.get(k) for k in ("notebook_seconds", "train_seconds", "steps",
