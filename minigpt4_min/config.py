@@ -171,12 +171,12 @@ STAGE1: dict[str, TrainConfig] = {
     # paper: 4 epochs x 5000 iters, 64/GPU x 4 GPUs
     "full": TrainConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000,
                         max_steps=20000, batch_size=64, ckpt_every=5000),
-    # tiny: same schedule shape, scaled to minutes on 2 CPU cores. Tried for speed (2026-12-02,
-    # seed 0, benchmarks/stage1_recipes.py and two series runs), not kept: 800 steps at lr 2e-2
-    # (captions as good, but after notebooks 03-04 VQA 0.72 -> 0.68 and stage 2's detailed
-    # failure no longer 5x below stage 1's) and the tiny ViT in bf16 (`vit_dtype`, 1.7x faster
-    # encoding, the same stage-1 captions, but stage 2's failure 2 -> 4 of 300 answers and the
-    # turn-5 check -0.03 -> -0.13: two targets lost)
+    # tiny: same schedule shape, scaled to minutes on 2 CPU cores. Tried for speed (2026-12-02:
+    # two series runs at seed 0; benchmarks/stage1_recipes.py over 3 seeds), not kept: 800
+    # steps at lr 2e-2 (captions as good, but after notebooks 03-04 VQA 0.72 -> 0.68 and stage
+    # 2's detailed failure no longer 5x below stage 1's) and the tiny ViT in bf16 (`vit_dtype`,
+    # 1.7x faster encoding, the same stage-1 captions, but stage 2's failure 2 -> 4 of 300
+    # answers and the turn-5 check -0.03 -> -0.13: two targets lost)
     "tiny": TrainConfig(lr=1e-2, min_lr=1e-3, warmup_lr=1e-5, warmup_steps=100,
                         max_steps=1200, batch_size=64, log_every=20),
 }

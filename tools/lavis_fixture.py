@@ -184,10 +184,11 @@ def compare(new: Path, ref: Path, atol: float = ATOL, rtol: float = RTOL) -> int
             if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype:
                 bad.append(f"{name}/{k}: {tuple(a[k].shape)} {a[k].dtype} vs {tuple(b[k].shape)} {b[k].dtype}")
                 continue
-            x, y = a[k].double(), b[k].double()
-            diff = (x - y).abs()
-            worst = max(worst, diff.max().item() if diff.numel() else 0.0)
-            if diff.numel() and (diff > atol + rtol * y.abs()).any():
+            if not a[k].numel():
+                continue
+            diff = (a[k].double() - b[k].double()).abs()
+            worst = max(worst, diff.max().item())
+            if (diff > atol + rtol * b[k].double().abs()).any():
                 bad.append(f"{name}/{k}: max abs diff {diff.max().item():.3g} (tolerance {atol:g} + {rtol:g} x |ref|)")
     print("\n".join(bad) if bad else
           f"{new} reproduces {ref} (largest difference {worst:.3g}; tolerance {atol:g} + {rtol:g} x |ref|)")
