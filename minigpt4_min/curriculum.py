@@ -58,7 +58,8 @@ class Phase:
 
 CURRICULUM = (Phase("first corpus", "first", 4400, 16, 256, vocab=1024),
               Phase("first corpus, continued", "first", 2000, 16, 256),
-              Phase("chats", "chats", 2000, 8, LLM_BLOCK))
+              Phase("chats", "chats", 2000, 8, LLM_BLOCK),
+              Phase("chats, grammar wordings", "chats", 3000, 8, LLM_BLOCK))
 ONE_PHASE = (Phase("chats", "chats", 4000, 8, LLM_BLOCK),
              Phase("chats, continued", "chats", 1500, 8, LLM_BLOCK))
 RECIPES = {"curriculum": CURRICULUM, "one-phase": ONE_PHASE}

@@ -31,22 +31,23 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "encoder_attribute_accuracy",
                         lambda enc, head, scenes, batch=250: _ACC(enc, head, scenes[:20]))
     _quick_evals(monkeypatch)
-    args = ["--out", str(tmp_path), "--encoder-steps", "3", "--llm-steps", "3", "2", "2",
+    args = ["--out", str(tmp_path), "--encoder-steps", "3", "--llm-steps", "3", "2", "2", "2",
             "--encoder-continue-steps", "2", "--threads", "1"]
     manifest = pretrain.main(args)
     assert set(manifest["parts"]) == {"encoder", "llm"}
     phases = manifest["parts"]["encoder"]["phases"]    # phase 1 from scratch, phase 2 continued from it
     assert [p["steps"] for p in phases] == [3, 2]
     assert phases[0]["init"] is None and phases[1]["init"] == str(tmp_path / "encoder")
-    phases = manifest["parts"]["llm"]["phases"]        # the curriculum: 3 phases, each continuing the last
+    phases = manifest["parts"]["llm"]["phases"]        # the curriculum: 4 phases, each continuing the last
     assert [(p["phase"], p["steps"], p["docs"], p["block"], p["train"]["batch_size"]) for p in phases] == [
-        (ph.name, n, ph.docs, ph.block, ph.batch_size) for ph, n in zip(curriculum.CURRICULUM, (3, 2, 2))]
-    assert [p["init"] for p in phases] == [None, str(tmp_path / "llm"), str(tmp_path / "llm")]
+        (ph.name, n, ph.docs, ph.block, ph.batch_size) for ph, n in zip(curriculum.CURRICULUM, (3, 2, 2, 2))]
+    assert [p["init"] for p in phases] == [None] + [str(tmp_path / "llm")] * 3
     assert len({p["vocab_size"] for p in phases}) == 1       # one tokenizer, made in phase 1
     assert 0.0 <= manifest["parts"]["encoder"]["attribute_accuracy_val"] <= 1.0
     assert 0.0 <= manifest["parts"]["llm"]["answers_val"] <= 1.0
     llm = manifest["parts"]["llm"]
     assert set(llm["heldout_img_frame_val"]) >= {"all", "colour", "count", "yesno", "absent"}
+    assert set(llm["late_words_val"]) >= {"all", "colour", "count", "yesno", "absent"}
     assert -1.0 <= llm["colour_collapse"] <= 1.0 and llm["block"] == pretrain_llm.LLM_BLOCK
     assert len(llm["binding_heads_val"]["per_layer"]) == get_config("tiny").llm["num_hidden_layers"]
     assert llm["binding_val"]["n"] > 0 and llm["binding_val"]["right"] + llm["binding_val"]["other_object"] <= 1.0
@@ -72,7 +73,7 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
 
 
 def test_curriculum_runs_only_the_phases_not_done(tmp_path, monkeypatch):
-    """A run cut after phase 2 re-runs phase 3 only, from phase 2's LLM; `--llm-init` stands
+    """A run cut after phase 2 re-runs phases 3-4 only, from phase 2's LLM; `--llm-init` stands
     for phase 1; a folder holding another recipe's LLM is started over."""
     ran = []
 
@@ -91,18 +92,18 @@ def test_curriculum_runs_only_the_phases_not_done(tmp_path, monkeypatch):
     assert ran == [(phases[0].name, None), (phases[1].name, tmp_path / "llm")]
     assert curriculum.phases_done(tmp_path, phases) == 2
     ran.clear()
-    assert curriculum.run(tmp_path, phases)["phase"] == phases[2].name
-    assert ran == [(phases[2].name, tmp_path / "llm")]
+    assert curriculum.run(tmp_path, phases)["phase"] == phases[3].name
+    assert ran == [(phases[2].name, tmp_path / "llm"), (phases[3].name, tmp_path / "llm")]
     ran.clear()
     curriculum.run(tmp_path, curriculum.ONE_PHASE)             # another recipe's LLM: from scratch
     assert [r[0] for r in ran] == [p.name for p in curriculum.ONE_PHASE] and ran[0][1] is None
     ran.clear()
     given = tmp_path / "given"
     curriculum.run(tmp_path / "b", phases, init=given)
-    assert ran == [(phases[1].name, given), (phases[2].name, tmp_path / "b" / "llm")]
+    assert ran == [(phases[1].name, given)] + [(p.name, tmp_path / "b" / "llm") for p in phases[2:]]
     with pytest.raises(ValueError, match="3 numbers for 2 phases"):
         curriculum.with_steps(curriculum.ONE_PHASE, [1, 2, 3])
-    assert [p.steps for p in curriculum.with_steps(phases, [5, 0, 7])] == [5, 7]
+    assert [p.steps for p in curriculum.with_steps(phases, [5, 0, 7, 0])] == [5, 7]
 
 
 def test_first_corpus_is_the_one_the_shipped_llm_began_on():

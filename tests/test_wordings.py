@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from minigpt4_min import corpus
+from minigpt4_min import corpus, grammar
 from minigpt4_min import shapesworld as sw
 from minigpt4_min import wordings as wd
 from minigpt4_min.conversation import SYSTEM
@@ -27,7 +27,7 @@ def _every_filling(template):
 def test_heldout_patterns_find_their_own_wordings_in_any_form():
     """The check below could fail: each held-out wording is found, filled any way,
     inside a longer sentence, in lower case, with colour for color and no question mark."""
-    for kind, templates in wd.HELDOUT.items():
+    for kind, templates in [kt for split in wd.SPLITS.values() for kt in split.items()]:
         for t in templates:
             for text in list(_every_filling(t))[::37]:
                 assert wd.uses_heldout(text), (kind, text)
@@ -42,6 +42,25 @@ def test_no_corpus_wording_contains_a_heldout_one():
     templates += list(corpus.DESCRIBE) + list(corpus.CAPTION) + [q for q, _ in corpus.OUT_OF_WORLD]
     clash = {t for t in templates for text in _every_filling(t) for pre in wd.POLITE if wd.uses_heldout(pre + text)}
     assert clash == set(wd.SHADOWED)          # ...and those the corpus guard drops (next test)
+
+
+def test_grammar_wordings_hold_no_heldout_one_and_the_filter_could_fail():
+    """The grammar's wordings (grammar.py), a sample of fillings with every polite opening; the
+    grammar does make held-out wordings of its own accord, and those never reach the corpus."""
+    made = {k: wd.grammar_wordings(k) for k in wd.KINDS}
+    for kind, ts in made.items():
+        assert len(ts) >= 30, kind                                    # many ways to ask each kind
+        for t in ts:
+            for text in list(_every_filling(t))[::97]:
+                assert not any(wd.uses_heldout(pre + text) for pre in wd.POLITE), (kind, t, text)
+    raw = grammar.templates("position")
+    assert "Tell me where the {c} {s} is." in raw                     # a LATE wording, made by the grammar...
+    assert "Tell me where the {c} {s} is." not in made["position"]    # ...and dropped
+    assert "The {s} has what colour?" in made["colour"] and "Is a {s} shown?" in made["yesno"]
+    with pytest.raises(ValueError, match="unknown question kind"):
+        grammar.templates("shade")
+    with pytest.raises(ValueError, match="unknown wording split 'test'"):
+        wd.ask(sw.split("val", 1)[0], "colour", random.Random(0), "test")
 
 
 def test_sampled_corpus_never_uses_heldout_wordings_nor_image_framing(docs):
@@ -76,7 +95,7 @@ def test_corpus_has_a_chat_models_variety(docs):
 
 def test_every_question_is_answered_truly():
     rng = random.Random(0)
-    for split in ("corpus", "heldout"):
+    for split in ("corpus", "heldout", "late"):
         asked = [q for s in sw.split("val", 200) for q in wd.questions(s, rng, split)]
         assert {q.kind for q in asked} == set(wd.KINDS)
         assert accuracy_by_kind([q.answer for q in asked], asked)["all"] == 1.0   # its own answer is right
