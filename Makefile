@@ -77,7 +77,7 @@ lavis-fixture-check: $(LAVIS_VENV)/.installed   ## rebuild the fixture in a temp
 lab: $(VENV)/.lab-installed         ## open JupyterLab on notebooks/ with the project's kernel (options: LAB_ARGS="...")
 	$(VENV)/bin/jupyter-lab --notebook-dir=notebooks $(AS_ROOT) $(LAB_ARGS)
 
-pretrain: $(VENV)/.installed        ## re-make the shipped miniature LLM, its 4 phases (about 2 h 10 min on 2 cores; resumable); the encoder stays as shipped
+pretrain: $(VENV)/.installed        ## re-make the shipped miniature LLM, its 4 phases (about 2 h on 2 cores; resumable); the encoder stays as shipped
 	$(PY) -m minigpt4_min.pretrain --out data/tiny --part llm
 
 pretrain-encoder: $(VENV)/.installed   ## re-make the shipped miniature encoder too (about 55 min on 2 cores)

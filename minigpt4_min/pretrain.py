@@ -10,7 +10,7 @@ then freezes them and ships them in `data/tiny/`:
   and the mean of the queries predicts the bag of words (a pooled objective; DESIGN.md
   §5 found the two together best);
 * LLM: transformers `LlamaForCausalLM` + byte-level BPE, trained on TEXT ONLY, in the
-  three phases of `curriculum.py` (each a resumable run of `pretrain_llm.py`).
+  four phases of `curriculum.py` (each a resumable run of `pretrain_llm.py`).
 
 The shipped LLM was re-made (issue 12: a chat model that understands questions in a
 learner's own words and binds each colour to its shape, with a 512-position context); the
@@ -18,14 +18,17 @@ shipped encoder was kept as it was made before by this same command (its manifes
 kept). `data/tiny/manifest.json` records each part's recipe, time and measured quality.
 
 Re-make the shipped parts (the LLM's recipe, not its weights: a run from scratch drifts from
-the one that made them, see curriculum.py; the encoder about 55 minutes on an otherwise idle
-2-core CPU, in two phases, from scratch and then continued with a fresh warmup + cosine at a
-lower learning rate; the LLM's three phases 2,283 + 978 + 1,358 s when they were made;
-`--device cuda` trains the LLM on a GPU). Started again after an interruption, the command
-skips the phases it has finished and resumes the cut one from its checkpoint:
+the one that made them, see curriculum.py). `make pretrain` runs the LLM's four phases
+(2,283 + 978 + 1,358 + 2,511 s when they were made, about 2 h on 2 cores; `--device cuda`
+trains it on a GPU) and keeps the shipped encoder; `make pretrain-encoder` re-makes the
+encoder, about 55 minutes on an otherwise idle 2-core CPU, in two phases, from scratch and
+then continued with a fresh warmup + cosine at a lower learning rate. Started again after
+an interruption, the command skips the phases it has finished and resumes the cut one from
+its checkpoint:
 
-    python -m minigpt4_min.pretrain --out data/tiny
-    python -m minigpt4_min.pretrain --out data/tiny --part llm      # the LLM alone
+    python -m minigpt4_min.pretrain --out data/tiny --part llm       # make pretrain
+    python -m minigpt4_min.pretrain --out data/tiny --part encoder   # make pretrain-encoder
+    python -m minigpt4_min.pretrain --out data/tiny                  # both
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The script that makes the shipped miniature parts runs, writes loadable parts and a manifest."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,18 @@ def test_binding_tells_the_right_colour_from_another_objects(monkeypatch):
         monkeypatch.setattr(pretrain_llm, "generate_text", lambda m, t, prompts, **kw: answers[:len(prompts)])
         b = pretrain_llm.binding(None, None, scenes)
         assert b["n"] == len(qs) > 10 and b["right"] == right and b["other_object"] == other
+
+
+def test_make_pretrain_commands_are_the_ones_the_readme_gives():
+    """`make pretrain` re-makes the LLM alone (the encoder stays as shipped), `make
+    pretrain-encoder` the encoder: the README's comments name the commands make runs."""
+    import re
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    for target, part in (("pretrain", "llm"), ("pretrain-encoder", "encoder")):
+        ran = subprocess.run(["make", "-n", target], cwd=root, capture_output=True, text=True, check=True).stdout
+        cmd = ran.strip().splitlines()[-1]
+        assert cmd.endswith(f"-m minigpt4_min.pretrain --out data/tiny --part {part}"), cmd
+        said = re.search(rf"^make {target} +# = (.*)$", readme, re.M)
+        assert said and cmd.endswith(said.group(1).replace("python ", "", 1)), (target, said)
