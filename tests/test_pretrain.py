@@ -192,7 +192,9 @@ def test_doc_mask_keeps_packed_documents_apart():
     spec = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=256)
     model = transformers.LlamaForCausalLM(tiny_llm_config(len(tok), tok, spec)).eval()
-    packed = pretrain_llm.pack_documents(tok, random.Random(5), 1, 256, doc_mask=True)
+    # the first seed whose row holds two or more documents (which seed does depends on the corpus)
+    packed = next(p for p in (pretrain_llm.pack_documents(tok, random.Random(k), 1, 256, doc_mask=True)
+                              for k in range(5, 50)) if int((p["position_ids"][0] == 0).sum()) >= 3)
     pos = packed["position_ids"][0]
     starts = (pos == 0).nonzero().flatten().tolist()
     assert len(starts) >= 3                         # at least two documents and the padding
@@ -232,8 +234,9 @@ def test_make_pretrain_commands_are_the_ones_the_readme_gives():
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
     for target, part in (("pretrain", "llm"), ("pretrain-encoder", "encoder")):
-        ran = subprocess.run(["make", "-n", target], cwd=root, capture_output=True, text=True, check=True).stdout
-        cmd = ran.strip().splitlines()[-1]
+        ran = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=root,
+                             capture_output=True, text=True, check=True).stdout
+        cmd = next(line for line in ran.splitlines() if "minigpt4_min.pretrain" in line)
         assert cmd.endswith(f"-m minigpt4_min.pretrain --out data/tiny --part {part}"), cmd
         said = re.search(rf"^make {target} +# = (.*)$", readme, re.M)
         assert said and cmd.endswith(said.group(1).replace("python ", "", 1)), (target, said)
