@@ -144,12 +144,8 @@ KIND_GRAMMAR = {"colour": _colour, "size": _size, "position": _position, "count"
 
 
 def templates(kind: str) -> list[str]:
-    """Every template the grammar makes for `kind` ('absent' reuses colour / size / position
-    without a colour), without duplicates, in a fixed order."""
-    if kind == "absent":
-        made = _colour() + _size() + [t for t in _position() if "{c}" not in t]
-    elif kind in KIND_GRAMMAR:
-        made = KIND_GRAMMAR[kind]()
-    else:
-        raise ValueError(f"unknown question kind {kind!r}; expected one of {list(KIND_GRAMMAR) + ['absent']}")
-    return list(dict.fromkeys(made))
+    """Every template the grammar makes for `kind`, without duplicates, in a fixed order
+    (absent shapes are asked in colour / size / position wordings: `wordings.grammar_wordings`)."""
+    if kind not in KIND_GRAMMAR:
+        raise ValueError(f"unknown question kind {kind!r}; expected one of {list(KIND_GRAMMAR)}")
+    return list(dict.fromkeys(KIND_GRAMMAR[kind]()))

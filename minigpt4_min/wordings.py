@@ -118,9 +118,6 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]+", " ", t).split())
 
 
-_HELD_NORMAL: list[re.Pattern] = []
-
-
 def _template_regex(template: str) -> re.Pattern:
     slots = {"{s}": r"\w+", "{c}": r"\w+", "{w}": r"\w+ the \w+", "{ss}": r"\w+", "{pic}": r"\w+"}
     out = re.escape(normalize(template.replace("{", "QQ").replace("}", "QQ")))
@@ -129,21 +126,21 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(rf"(?:^| ){out}(?: |$)")
 
 
-def heldout_patterns() -> list[re.Pattern]:
+@functools.cache
+def heldout_patterns() -> tuple[re.Pattern, ...]:
     """One regex per held-out wording (both sets), over `normalize`d text, any slot filling."""
-    if not _HELD_NORMAL:
-        _HELD_NORMAL.extend(_template_regex(t) for split in SPLITS.values() for ts in split.values() for t in ts)
-    return _HELD_NORMAL
+    return tuple(_template_regex(t) for split in SPLITS.values() for ts in split.values() for t in ts)
 
 
-_HELD_ANY: list[re.Pattern] = []
+@functools.cache
+def _any_heldout() -> re.Pattern:
+    """One alternation of all the held-out patterns: one pass per text."""
+    return re.compile("|".join(f"(?:{p.pattern})" for p in heldout_patterns()))
 
 
 def uses_heldout(text: str) -> bool:
     """Does `text` contain a held-out wording (whatever shape, colour or place fills it)?"""
-    if not _HELD_ANY:                   # one alternation of all the patterns: one pass per text
-        _HELD_ANY.append(re.compile("|".join(f"(?:{p.pattern})" for p in heldout_patterns())))
-    return bool(_HELD_ANY[0].search(normalize(text)))
+    return bool(_any_heldout().search(normalize(text)))
 
 
 def _clashes(template: str) -> bool:
@@ -158,7 +155,11 @@ def _clashes(template: str) -> bool:
 @functools.cache
 def grammar_wordings(kind: str) -> tuple[str, ...]:
     """The grammar's wordings of `kind` (grammar.py) that hold no held-out one: the corpus
-    asks in these too (made on first use: checking them all takes a second or two)."""
+    asks in these too (made on first use: checking them all takes a second or two). Absent
+    shapes are asked about in the colour / size / position wordings, as in CORPUS."""
+    if kind == "absent":
+        return (grammar_wordings("colour") + grammar_wordings("size")
+                + tuple(t for t in grammar_wordings("position") if "{c}" not in t))
     return tuple(t for t in grammar.templates(kind) if t not in CORPUS[kind] and not _clashes(t))
 
 
