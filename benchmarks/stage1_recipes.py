@@ -1,6 +1,6 @@
 """Stage-1 recipes at tiny scale (notebook 02, paper §3.1): is a shorter schedule as good?
 
-    python benchmarks/stage1_recipes.py [--run-dir runs/series] [--seeds 0 1 2]
+    python benchmarks/stage1_recipes.py [--run-dir runs/series] [--seeds 0 1 2] [--recipes default batch64]
 
 Trains `llama_proj` with each recipe (steps, batch, peak learning rate; warmup and cosine as
 notebook 02 sets them) for each seed, on notebook 02's cached features of its 20,000 training
@@ -19,13 +19,19 @@ from pathlib import Path
 import torch
 
 from minigpt4_min import stage1
-from minigpt4_min.config import get_config, train_config
+from minigpt4_min.config import STAGE1, get_config, train_config
 from minigpt4_min.evaluate import caption_metrics, failure_rates
 from minigpt4_min.model import MiniGPT4
 from minigpt4_min.train import Trainer
 
-RECIPES = {"default (1,200 x 64, lr 1e-2)": dict(steps=1200, batch=64, lr=1e-2),
-           "shorter (800 x 64, lr 2e-2)": dict(steps=800, batch=64, lr=2e-2)}
+RECIPES = {  # name: steps x batch at peak lr (warmup and cosine as notebook 02 sets them)
+    "default": dict(steps=STAGE1["tiny"].max_steps, batch=STAGE1["tiny"].batch_size, lr=STAGE1["tiny"].lr,
+                    about=f"{STAGE1['tiny'].max_steps:,} x {STAGE1['tiny'].batch_size}, lr {STAGE1['tiny'].lr:.0e}: "
+                          "the tiny preset (config.STAGE1), batch 32 since 2026-12-02"),
+    "batch64": dict(steps=1200, batch=64, lr=1e-2, about="1,200 x 64, lr 1e-2: the tiny preset until 2026-12-02"),
+    "steps800": dict(steps=800, batch=64, lr=2e-2, about="800 x 64, lr 2e-2"),
+    "steps600": dict(steps=600, batch=64, lr=2e-2, about="600 x 64, lr 2e-2"),
+}
 
 
 def run(base: MiniGPT4, train_fs, test_fs, steps: int, batch: int, lr: float, seed: int) -> dict:
@@ -48,6 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", type=Path, default=Path("runs/series"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                    help="which recipes to run (default: all); " + "; ".join(
+                        f"{n}: {r['about']}" for n, r in RECIPES.items()))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stage1_recipes.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -58,8 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
                                     cache_dir=a.run_dir / "cache")
     test_fs = stage1.encode_shards(base, stage1.write_shapesworld_shards(shards, "test", 300, cfg.image_size),
                                    cache_dir=a.run_dir / "cache")
-    res = {"vit_dtype": cfg.vit_dtype, "n_train": len(train_fs), "n_eval": len(test_fs), "recipes": {}}
-    for name, r in RECIPES.items():
+    res = {"vit_dtype": cfg.vit_dtype, "n_train": len(train_fs), "n_eval": len(test_fs),
+           "about": {n: RECIPES[n]["about"] for n in a.recipes}, "recipes": {}}
+    for name in a.recipes:
+        r = RECIPES[name]
         res["recipes"][name] = [run(base, train_fs, test_fs, r["steps"], r["batch"], r["lr"], s) for s in a.seeds]
         print(name, json.dumps(res["recipes"][name]), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

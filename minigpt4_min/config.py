@@ -171,14 +171,14 @@ STAGE1: dict[str, TrainConfig] = {
     # paper: 4 epochs x 5000 iters, 64/GPU x 4 GPUs
     "full": TrainConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000,
                         max_steps=20000, batch_size=64, ckpt_every=5000),
-    # tiny: same schedule shape, scaled to minutes on 2 CPU cores. Tried for speed (2026-12-02:
-    # two series runs at seed 0; benchmarks/stage1_recipes.py over 3 seeds), not kept: 800
-    # steps at lr 2e-2 (captions as good, but after notebooks 03-04 VQA 0.72 -> 0.68 and stage
-    # 2's detailed failure no longer 5x below stage 1's) and the tiny ViT in bf16 (`vit_dtype`,
-    # 1.7x faster encoding, the same stage-1 captions, but stage 2's failure 2 -> 4 of 300
-    # answers and the turn-5 check -0.03 -> -0.13: two targets lost)
+    # tiny: same schedule shape, scaled to minutes on 2 CPU cores. Batch 32 (2026-12-02,
+    # benchmarks/stage1_recipes.py, seeds 0 / 1): half the compute of batch 64 at the same 1,200
+    # steps, caption attribute accuracy 0.977 / 0.977 against 0.984 / 0.983, detailed failure
+    # 0.03 / 0.05 against 0.007 / 0.037. Tried and not kept: 600 steps of 64 at lr 2e-2 (seed
+    # 1's captions 0.958), 800 of 64 at 2e-2 (after notebooks 03-04 VQA 0.72 -> 0.68) and the
+    # tiny ViT in bf16 (`vit_dtype`: stage 2's failure 2 -> 4 of 300, turn-5 check -0.03 -> -0.13)
     "tiny": TrainConfig(lr=1e-2, min_lr=1e-3, warmup_lr=1e-5, warmup_steps=100,
-                        max_steps=1200, batch_size=64, log_every=20),
+                        max_steps=1200, batch_size=32, log_every=20),
 }
 # max_steps: notebook 04 scales it to the curated set with `stage2.steps_for` (1.4 passes);
 # the values here are what that gives for the paper's set (3,439 pairs) and our default (776).

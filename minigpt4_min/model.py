@@ -15,6 +15,7 @@ its tokenization, and returns only the new text.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class MiniGPT4(nn.Module):
         self.llama_proj = build_projector(cfg, d_llm, encoder)
         self.projection_source: str | None = None          # the file llama_proj was loaded from; None: random
         self._checkpointing = False                        # set_gradient_checkpointing
+        self._token_ids = functools.lru_cache(maxsize=1 << 16)(
+            lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
         for m in (self.encoder, self.llm):                 # frozen, decided in one place
             for p in m.parameters():
                 p.requires_grad_(False)
@@ -204,7 +207,9 @@ class MiniGPT4(nn.Module):
         return self.llm.get_input_embeddings()(t)                               # (T, D)
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        """Token ids of `text`, no special tokens; memoised (stage 1 tokenizes each of its
+        20,000 captions once per pass, the chat its system prompt once per turn)."""
+        return list(self._token_ids(text)) if text else []
 
     def prompt_segments(self, prompt: str | None) -> tuple[list[int], list[int]]:
         """Token ids before and after the single `<ImageHere>` of a prompt."""
@@ -223,28 +228,33 @@ class MiniGPT4(nn.Module):
 
         Row b is `[BOS] before_b [image_b] after_b answer_b+end_sym`, right-padded; the
         answer (with end_sym) is cut to `max_txt_len` tokens; labels are -100 everywhere
-        but on the answer tokens.
+        but on the answer tokens. All text of the batch is embedded in one lookup and put in
+        place with two masks (text slots, image slots): no per-row copies.
         """
         B, N, D = img_embeds.shape
         prompts = prompts or [None] * B
         bos = self.tokenizer.bos_token_id
-        rows, labels = [], []
+        rows = []                                              # (ids before, ids after, answer ids)
         for b in range(B):
             before, after = self.prompt_segments(prompts[b])
-            ans = self.answer_ids(answers[b], max_txt_len, end_sym)
-            pre = self.embed_ids([bos] + before)                                # (1+Tb, D)
-            post = self.embed_ids(after + ans)                                  # (Ta+Tans, D)
-            rows.append(torch.cat([pre, img_embeds[b], post]))
-            labels.append([-100] * (1 + len(before) + N + len(after)) + ans)
-        T = max(len(r) for r in rows)
+            rows.append(([bos] + before, after, self.answer_ids(answers[b], max_txt_len, end_sym)))
+        T = max(len(pre) + N + len(post) + len(ans) for pre, post, ans in rows)
+        text_slot = torch.zeros(B, T, dtype=torch.bool)
+        img_slot = torch.zeros(B, T, dtype=torch.bool)
+        lab = torch.full((B, T), -100, dtype=torch.long)
+        ids: list[int] = []
+        for b, (pre, post, ans) in enumerate(rows):
+            s, a = len(pre) + N, len(pre) + N + len(post)      # image starts at len(pre), answer at a
+            text_slot[b, : len(pre)] = True
+            img_slot[b, len(pre): s] = True
+            text_slot[b, s: a + len(ans)] = True
+            lab[b, a: a + len(ans)] = torch.tensor(ans, dtype=torch.long)
+            ids += pre + post + ans                            # row-major, as text_slot orders them
         emb = img_embeds.new_zeros(B, T, D)
-        mask = torch.zeros(B, T, dtype=torch.long, device=self.device)
-        lab = torch.full((B, T), -100, dtype=torch.long, device=self.device)
-        for b, r in enumerate(rows):
-            emb[b, : len(r)] = r
-            mask[b, : len(r)] = 1
-            lab[b, : len(r)] = torch.tensor(labels[b], device=self.device)
-        return {"inputs_embeds": emb, "attention_mask": mask, "labels": lab}
+        emb[text_slot.to(self.device)] = self.embed_ids(ids).to(emb.dtype)     # (n_text, D)
+        emb[img_slot.to(self.device)] = img_embeds.reshape(B * N, D)          # (B*N, D)
+        mask = (text_slot | img_slot).long().to(self.device)
+        return {"inputs_embeds": emb, "attention_mask": mask, "labels": lab.to(self.device)}
 
     def answer_ids(self, answer: str, max_txt_len: int, end_sym: str) -> list[int]:
         """The target tokens of one answer: `answer + end_sym`, cut to `max_txt_len`."""

@@ -63,9 +63,29 @@ def test_label_mask_and_image_position(random_model):
         ids = [m.tokenizer.bos_token_id] + before
         assert torch.equal(out["inputs_embeds"][b, :start], emb[ids])
         n = start + Q + len(after) + len(ans)
+        # the text after the image and the answer too; padding is zeros
+        assert torch.equal(out["inputs_embeds"][b, start + Q:n], emb[after + ans])
+        assert not out["inputs_embeds"][b, n:].any()
         expected = [-100] * (start + Q + len(after)) + ans + [-100] * (out["labels"].shape[1] - n)
         assert out["labels"][b].tolist() == expected
         assert out["attention_mask"][b].tolist() == [1] * n + [0] * (out["labels"].shape[1] - n)
+
+
+def test_image_slots_carry_the_gradient_to_llama_proj(random_model):
+    m = random_model
+    m.llama_proj.zero_grad()
+    out = m.build_inputs(m.project(_feats(m, b=3)), ["red circle", "a blue square on gray", "x"], None)
+    (out["inputs_embeds"] ** 2).sum().backward()
+    assert m.llama_proj.weight.grad is not None and m.llama_proj.weight.grad.abs().sum() > 0
+    m.llama_proj.zero_grad()
+
+
+def test_tokenize_is_memoised_without_sharing_lists(random_model):
+    m = random_model
+    first = m.tokenize("a red circle")
+    first.append(-1)                          # a caller changing its list ...
+    assert m.tokenize("a red circle") == m.tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    assert m.tokenize("") == []
 
 
 def test_stage1_sequence_is_bos_image_caption_newline(random_model):
