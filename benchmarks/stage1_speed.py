@@ -1,6 +1,6 @@
 """Stage-1 speed at tiny scale on a CPU (notebook 02, paper §3.1): where the time goes.
 
-    python benchmarks/stage1_speed.py [--batch 64] [--steps 20] [--images 2000] [--run-dir runs/series]
+    python benchmarks/stage1_speed.py [--batch 32] [--steps 20] [--images 2000] [--run-dir runs/series]
 
 Three measurements, each with the shipped frozen parts and the library's own code:
 - a training step of `llama_proj` (the Trainer's loop: loss through the frozen LLM,
@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from minigpt4_min import shapesworld as sw
 from minigpt4_min import stage1
-from minigpt4_min.config import get_config, train_config
+from minigpt4_min.config import STAGE1, get_config, train_config
 from minigpt4_min.encoder import VisualEncoder
 from minigpt4_min.model import MiniGPT4
 from minigpt4_min.train import Trainer
@@ -96,7 +96,7 @@ def before_training(model, n: int, dtypes: list[str]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=STAGE1["tiny"].batch_size, help="default: the tiny preset's")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)

@@ -238,23 +238,22 @@ class MiniGPT4(nn.Module):
         for b in range(B):
             before, after = self.prompt_segments(prompts[b])
             rows.append(([bos] + before, after, self.answer_ids(answers[b], max_txt_len, end_sym)))
-        T = max(len(pre) + N + len(post) + len(ans) for pre, post, ans in rows)
-        text_slot = torch.zeros(B, T, dtype=torch.bool)
+        lengths = torch.tensor([len(pre) + N + len(post) + len(ans) for pre, post, ans in rows])
+        T = int(lengths.max())
+        valid = torch.arange(T) < lengths[:, None]            # (B, T): not padding
         img_slot = torch.zeros(B, T, dtype=torch.bool)
         lab = torch.full((B, T), -100, dtype=torch.long)
         ids: list[int] = []
         for b, (pre, post, ans) in enumerate(rows):
-            s, a = len(pre) + N, len(pre) + N + len(post)      # image starts at len(pre), answer at a
-            text_slot[b, : len(pre)] = True
-            img_slot[b, len(pre): s] = True
-            text_slot[b, s: a + len(ans)] = True
+            a = len(pre) + N + len(post)                       # the image starts at len(pre), the answer at a
+            img_slot[b, len(pre): len(pre) + N] = True
             lab[b, a: a + len(ans)] = torch.tensor(ans, dtype=torch.long)
-            ids += pre + post + ans                            # row-major, as text_slot orders them
+            ids += pre + post + ans                            # row-major, as the text slots are ordered
+        text_slot = valid & ~img_slot
         emb = img_embeds.new_zeros(B, T, D)
         emb[text_slot.to(self.device)] = self.embed_ids(ids).to(emb.dtype)     # (n_text, D)
         emb[img_slot.to(self.device)] = img_embeds.reshape(B * N, D)          # (B*N, D)
-        mask = (text_slot | img_slot).long().to(self.device)
-        return {"inputs_embeds": emb, "attention_mask": mask, "labels": lab.to(self.device)}
+        return {"inputs_embeds": emb, "attention_mask": valid.long().to(self.device), "labels": lab.to(self.device)}
 
     def answer_ids(self, answer: str, max_txt_len: int, end_sym: str) -> list[int]:
         """The target tokens of one answer: `answer + end_sym`, cut to `max_txt_len`."""
