@@ -26,9 +26,11 @@ from minigpt4_min.train import Trainer
 
 RECIPES = {  # name: steps x batch at peak lr (warmup and cosine as notebook 02 sets them)
     "default": dict(steps=STAGE1["tiny"].max_steps, batch=STAGE1["tiny"].batch_size, lr=STAGE1["tiny"].lr,
-                    about=f"{STAGE1['tiny'].max_steps:,} x {STAGE1['tiny'].batch_size}, lr {STAGE1['tiny'].lr:.0e}: "
-                          "the tiny preset (config.STAGE1), batch 32 since 2026-12-02"),
+                    about=f"{STAGE1['tiny'].max_steps:,} x {STAGE1['tiny'].batch_size}, "
+                          f"lr {STAGE1['tiny'].lr:.0e}".replace("e-0", "e-") + ": the tiny preset (config.STAGE1)"),
     "batch64": dict(steps=1200, batch=64, lr=1e-2, about="1,200 x 64, lr 1e-2: the tiny preset until 2026-12-02"),
+    "batch32": dict(steps=1200, batch=32, lr=1e-2, about="1,200 x 32, lr 1e-2: the tiny preset for part of 2026-12-02"),
+    "batch40": dict(steps=1200, batch=40, lr=1e-2, about="1,200 x 40, lr 1e-2"),
     "steps800": dict(steps=800, batch=64, lr=2e-2, about="800 x 64, lr 2e-2"),
     "steps600": dict(steps=600, batch=64, lr=2e-2, about="600 x 64, lr 2e-2"),
 }
