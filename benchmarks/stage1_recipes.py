@@ -24,15 +24,21 @@ from minigpt4_min.evaluate import caption_metrics, failure_rates
 from minigpt4_min.model import MiniGPT4
 from minigpt4_min.train import Trainer
 
-RECIPES = {  # name: steps x batch at peak lr (warmup and cosine as notebook 02 sets them)
-    "default": dict(steps=STAGE1["tiny"].max_steps, batch=STAGE1["tiny"].batch_size, lr=STAGE1["tiny"].lr,
-                    about=f"{STAGE1['tiny'].max_steps:,} x {STAGE1['tiny'].batch_size}, "
-                          f"lr {STAGE1['tiny'].lr:.0e}".replace("e-0", "e-") + ": the tiny preset (config.STAGE1)"),
-    "batch64": dict(steps=1200, batch=64, lr=1e-2, about="1,200 x 64, lr 1e-2: the tiny preset until 2026-12-02"),
-    "batch32": dict(steps=1200, batch=32, lr=1e-2, about="1,200 x 32, lr 1e-2: the tiny preset for part of 2026-12-02"),
-    "batch40": dict(steps=1200, batch=40, lr=1e-2, about="1,200 x 40, lr 1e-2"),
-    "steps800": dict(steps=800, batch=64, lr=2e-2, about="800 x 64, lr 2e-2"),
-    "steps600": dict(steps=600, batch=64, lr=2e-2, about="600 x 64, lr 2e-2"),
+
+def recipe(steps: int, batch: int, lr: float, note: str = "") -> dict:
+    """steps x batch at peak lr (warmup and cosine as notebook 02 sets them), described."""
+    about = f"{steps:,} x {batch}, lr {lr:.0e}".replace("e-0", "e-") + (f": {note}" if note else "")
+    return dict(steps=steps, batch=batch, lr=lr, about=about)
+
+
+_TINY = STAGE1["tiny"]
+RECIPES = {
+    "default": recipe(_TINY.max_steps, _TINY.batch_size, _TINY.lr, "the tiny preset (config.STAGE1)"),
+    "batch64": recipe(1200, 64, 1e-2, "the tiny preset until 2026-12-02"),
+    "batch32": recipe(1200, 32, 1e-2, "the tiny preset for part of 2026-12-02"),
+    "batch40": recipe(1200, 40, 1e-2),
+    "steps800": recipe(800, 64, 2e-2),
+    "steps600": recipe(600, 64, 2e-2),
 }
 
 

@@ -24,6 +24,15 @@ def test_ci_parameters_are_declared(nb):
         assert isinstance(v, type(declared[k])) or declared[k] is None, f"{k}: {v!r} vs {declared[k]!r}"
 
 
+def test_02_defaults_are_the_tiny_preset():
+    """Notebook 02's parameter cell repeats config.STAGE1["tiny"] as literals (papermill needs
+    literals); the two must not drift apart, or the README's numbers describe neither."""
+    from minigpt4_min.config import STAGE1
+    p = series.declared_parameters(next(n for n in NOTEBOOKS if n.stem.startswith("02")))
+    tiny = STAGE1["tiny"]
+    assert (p["steps"], p["batch_size"], p["lr"]) == (tiny.max_steps, tiny.batch_size, tiny.lr)
+
+
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_without_outputs(nb):
     cells = json.loads(nb.read_text())["cells"]
