@@ -189,7 +189,23 @@ def small_talk_doc(rng: random.Random) -> str:
     return chat(rng.sample(OUT_OF_WORLD, rng.randint(1, 3)), rng)
 
 
+def yes_no_doc(rng: random.Random) -> str:
+    """A scene in words and 2-6 yes / no questions about it, half of the "no"s about a shape
+    that is there in ANOTHER colour ("Is there a red square?" with a blue square: POPE's
+    adversarial kind). The rest of the corpus says "no" only to absent shapes, so an LLM that
+    says "yes" whenever the asked shape is there, whatever the colour, was always right."""
+    s = sw.sample_scene(rng)
+    turns = []
+    for _ in range(rng.randint(2, 6)):
+        q = wd.ask(s, "yesno", rng, "corpus", negative_from=rng.choice(("random", "adversarial")))
+        turns.append((wd.vary(q.text, rng), q.answer))
+    turns[0] = (f"{rng.choice(FRAMES).format(sw.notes(s))} {turns[0][0]}", turns[0][1])
+    return chat(turns, rng)
+
+
 DOC_MIX = ((record_doc, 0.12), (chat_doc, 0.78), (skill_doc, 0.06), (small_talk_doc, 0.04))
+# curriculum phase 5: the same documents, with yes / no drills in place of 30 % of them
+DRILL_MIX = ((yes_no_doc, 0.30),) + tuple((fn, w * 0.70) for fn, w in DOC_MIX)
 
 
 def pick(mix, rng: random.Random):
@@ -202,10 +218,10 @@ def pick(mix, rng: random.Random):
     return mix[-1][0]
 
 
-def sample_doc(rng: random.Random) -> str:
-    doc = pick(DOC_MIX, rng)(rng)
+def sample_doc(rng: random.Random, mix=DOC_MIX) -> str:
+    doc = pick(mix, rng)(rng)
     if wd.uses_heldout(doc) or any(f in doc for f in FORBIDDEN):  # never, by construction; a guard
-        return sample_doc(rng)
+        return sample_doc(rng, mix)
     return doc
 
 
@@ -228,6 +244,12 @@ def answer_spans(doc: str) -> list[tuple[int, int]]:
     return [m.span(1) for m in _CAPTION.finditer(doc)]
 
 
-def documents(n: int, seed: int) -> list[str]:
+def documents(n: int, seed: int, mix=DOC_MIX) -> list[str]:
     rng = random.Random(seed)
-    return [sample_doc(rng) for _ in range(n)]
+    return [sample_doc(rng, mix) for _ in range(n)]
+
+
+class Drilled:
+    """The corpus read with `DRILL_MIX` (pretrain_llm.CORPORA["chats+yes/no"]), as a corpus module."""
+    sample_doc = staticmethod(lambda rng: sample_doc(rng, DRILL_MIX))
+    documents = staticmethod(lambda n, seed: documents(n, seed, DRILL_MIX))

@@ -36,6 +36,21 @@ colours 0.52 of the time, its shape-to-colour head formed (0.98, layer 1) but no
 read; after phase 3 it bound 0.98 (the phase-3 LLM 0.89), with held-out wordings 0.73
 (0.73) and captions after notes 0.95 (0.99).
 
+Tried and not kept (2026-12-03): POPE's adversarial "no". The corpus says "no" only to absent
+shapes, so "Is there a red square?" with a blue square there gets "Yes, there is a red square."
+(the shipped LLM, 300 validation scenes in words, corpus wordings: 0.00 right, "yes" to all).
+With notebook 04's best linear map in place of the trained layer, notebook 05's POPE probe
+scores 0.99 on absent shapes and 0.495 on present shapes in another colour (yes share 0.975):
+an LLM failure, not the image side's. `WITH_DRILLS` (`--llm-recipe curriculum+drills`; with
+`--llm-init data/tiny/llm --llm-steps 1 0 0 0 1500` it continues the shipped LLM) adds a phase
+whose corpus (`corpus.Drilled`) makes 30 % of the documents yes / no drills, half their "no"s
+of that kind. After its 1,500 steps (942 s) the LLM still said "yes" to 0.99 of them, copying
+the asked colour into its answer; held-out yes / no rose (0.89 -> 0.96) and so did binding
+(0.96 -> 0.98), but what is at a place fell (0.90 -> 0.87; `<Img>` framing 0.88 -> 0.86) and
+so did `LATE`'s background (0.87 -> 0.79). A first try (not kept in the code): 1,000 steps of
+the corpus with half its own colour-worded "no"s of that kind (0.02 right) cost held-out yes /
+no (0.89 -> 0.77). Neither LLM is shipped.
+
 `ONE_PHASE` is the recipe shipped before it (today's corpus only, 4,000 + 1,500 steps;
 binding 0.51), kept to compare: `--llm-recipe one-phase`.
 
@@ -71,7 +86,9 @@ CURRICULUM = (Phase("first corpus", "first", 4400, 16, 256, vocab=1024),
               Phase("chats, grammar wordings", "chats", 3000, 8, LLM_BLOCK))
 ONE_PHASE = (Phase("chats", "chats", 4000, 8, LLM_BLOCK),
              Phase("chats, continued", "chats", 1500, 8, LLM_BLOCK))
-RECIPES = {"curriculum": CURRICULUM, "one-phase": ONE_PHASE}
+# measured, not shipped (see above): the curriculum + 1,500 steps with yes / no drills
+WITH_DRILLS = CURRICULUM + (Phase("chats, yes / no drills", "chats+yes/no", 1500, 8, LLM_BLOCK),)
+RECIPES = {"curriculum": CURRICULUM, "one-phase": ONE_PHASE, "curriculum+drills": WITH_DRILLS}
 
 
 def with_steps(phases: tuple[Phase, ...], steps: list[int] | None) -> tuple[Phase, ...]:

@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--part", choices=("all", "encoder", "llm"), default="all")
     ap.add_argument("--encoder-steps", type=int, default=ENCODER_TRAIN.max_steps)
     ap.add_argument("--llm-recipe", choices=tuple(curriculum.RECIPES), default="curriculum",
-                    help="the LLM's phases (curriculum.py): the shipped curriculum, or the one-phase recipe before it")
+                    help="the LLM's phases (curriculum.py): the shipped curriculum, the one-phase recipe before it, "
+                         "or the curriculum + yes / no drills (measured, not shipped)")
     ap.add_argument("--llm-steps", type=int, nargs="+", default=None,
                     help="steps of each of the recipe's phases (default: the recipe's; 0 skips a later phase)")
     ap.add_argument("--encoder-continue-steps", type=int, default=ENCODER_TRAIN.max_steps,

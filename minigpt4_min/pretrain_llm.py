@@ -115,7 +115,8 @@ from .train import build_optimizer, lr_at
 LLM_TRAIN = TrainConfig(lr=2e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=200,
                         max_steps=4000, batch_size=8, weight_decay=0.1, seed=0)
 LLM_VOCAB = 1536
-CORPORA = {"chats": corpus, "first": corpus_first}   # corpus.py; corpus_first.py (curriculum.py)
+# corpus.py; corpus.py with yes / no drills; corpus_first.py (curriculum.py)
+CORPORA = {"chats": corpus, "chats+yes/no": corpus.Drilled, "first": corpus_first}
 
 
 def phases_history(before: dict | None, metrics: dict) -> list[dict]:

@@ -18,9 +18,12 @@ of reach of one linear layer on these frozen parts.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from . import shapesworld as sw
+from . import stage1
 
 
 def notes_token_ids(tok, scene: sw.Scene) -> list[int]:
@@ -53,6 +56,21 @@ def fit_notes_projection(model, fs) -> dict[str, torch.Tensor]:
     sol = torch.linalg.lstsq(x, y, driver="gelsd").solution                           # (Hq+1, D)
     dtype = model.llama_proj.weight.dtype
     return {"weight": sol[:-1].T.contiguous().to(dtype), "bias": sol[-1].contiguous().to(dtype)}
+
+
+@contextmanager
+def best_linear_map(model, n_images: int = 2000, split: str = "train"):
+    """Within the block, `model` projects with the map `fit_notes_projection` fits on the first
+    `n_images` scenes of `split`; afterwards (error or not) its own projection is back. For
+    asking a question of the yardstick, e.g. whether a chat failure is one linear layer's or
+    the LLM's (notebook 05's yes / no probe)."""
+    own = {k: v.clone() for k, v in model.llama_proj.state_dict().items()}
+    fs = stage1.scene_features(model, sw.split(split, n_images), prefix="ref")
+    try:
+        model.llama_proj.load_state_dict(fit_notes_projection(model, fs))
+        yield model
+    finally:
+        model.llama_proj.load_state_dict(own)
 
 
 @torch.no_grad()

@@ -233,9 +233,11 @@ def attribute_question(scene: sw.Scene, kind: str, shape: str, wording: str, rng
     return Asked(text, f"The {name} is {sw.POSITION_PHRASE[o.position]}.", "position", o.position, shape)
 
 
-def ask(scene: sw.Scene, kind: str, rng: random.Random, split: str = "corpus") -> Asked | None:
+def ask(scene: sw.Scene, kind: str, rng: random.Random, split: str = "corpus",
+        negative_from: str = "random") -> Asked | None:
     """A question of `kind` about `scene`, in a wording of `split` ('corpus', 'heldout', 'late');
-    None when the scene allows no such question (e.g. every shape occurs twice)."""
+    None when the scene allows no such question (e.g. every shape occurs twice). A "no" to a
+    yes / no question is drawn as `yes_no`'s `negative_from` says."""
     if split != "corpus" and split not in SPLITS:
         raise ValueError(f"unknown wording split {split!r}; expected 'corpus' or one of {list(SPLITS)}")
     if kind not in KINDS:
@@ -273,7 +275,7 @@ def ask(scene: sw.Scene, kind: str, rng: random.Random, split: str = "corpus") -
             return Asked(text, f"There is nothing {sw.POSITION_PHRASE[place]}.", kind, "nothing")
         return Asked(text, f"There is a {o.phrase()} {sw.POSITION_PHRASE[place]}.", kind, o.shape, o.shape)
     if kind == "yesno":
-        return yes_no(scene, rng, wording, rng.random() < 0.5)
+        return yes_no(scene, rng, wording, rng.random() < 0.5, negative_from)
     raise AssertionError(kind)          # every kind of KINDS is handled above
 
 

@@ -240,3 +240,14 @@ def test_make_pretrain_commands_are_the_ones_the_readme_gives():
         assert cmd.endswith(f"-m minigpt4_min.pretrain --out data/tiny --part {part}"), cmd
         said = re.search(rf"^make {target} +# = (.*)$", readme, re.M)
         assert said and cmd.endswith(said.group(1).replace("python ", "", 1)), (target, said)
+
+
+def test_every_recipe_reads_known_corpora_and_drills_continue_the_curriculum():
+    """`--llm-recipe curriculum+drills` is the shipped curriculum and one more phase, on the
+    corpus with yes / no drills; `--llm-steps 1 0 0 0 N` with `--llm-init` runs that phase alone."""
+    for phases in curriculum.RECIPES.values():
+        assert all(p.docs in pretrain_llm.CORPORA for p in phases)
+    drills = curriculum.WITH_DRILLS
+    assert drills[:-1] == curriculum.CURRICULUM and pretrain_llm.CORPORA[drills[-1].docs] is pretrain_llm.corpus.Drilled
+    alone = curriculum.with_steps(drills, [1, 0, 0, 0, 7])
+    assert [(p.name, p.steps) for p in alone] == [(drills[0].name, 1), (drills[-1].name, 7)]

@@ -35,6 +35,20 @@ def test_fitted_projection_reads_back_the_notes(shipped):
     assert torch.equal(again["weight"], sd["weight"]) and torch.equal(again["bias"], sd["bias"])
 
 
+def test_best_linear_map_is_in_place_within_the_block_only(shipped):
+    own = {k: v.clone() for k, v in shipped.llama_proj.state_dict().items()}
+    fit = stage1.scene_features(shipped, sw.split("train", 120), prefix="ref")
+    with reference.best_linear_map(shipped, 120) as m:
+        assert m is shipped
+        assert torch.equal(m.llama_proj.weight, reference.fit_notes_projection(shipped, fit)["weight"])
+        assert not torch.equal(m.llama_proj.weight, own["weight"])
+    assert all(torch.equal(v, own[k]) for k, v in shipped.llama_proj.state_dict().items())
+    with pytest.raises(RuntimeError, match="inside"):            # restored on an error too
+        with reference.best_linear_map(shipped, 40):
+            raise RuntimeError("inside")
+    assert torch.equal(shipped.llama_proj.weight, own["weight"])
+
+
 def test_notes_token_ids_one_per_word(shipped):
     s = sw.split("test", 1)[0]
     ids = reference.notes_token_ids(shipped.tokenizer, s)

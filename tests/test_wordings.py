@@ -93,6 +93,33 @@ def test_corpus_has_a_chat_models_variety(docs):
     assert not any(f in a for a in answers for f in ("free download", "stock image", "none none"))
 
 
+def test_drills_say_no_to_a_present_shape_in_another_colour():
+    """Curriculum phase 5's corpus (`corpus.Drilled`) asks POPE's adversarial kind ("Is there a
+    red square?" with a blue square there) and answers it truly; today's corpus says "no" to
+    absent shapes only. Scenes are read back from their notes."""
+    notes = re.compile(r"\b((?:(?:left|top|center|bottom|right) \w+ \w+ \w+ ){5}\w+ \w+)\b")
+
+    def nos(docs):
+        adversarial = shape_absent = 0
+        for d in docs:
+            m = notes.search(d)
+            if m is None or "###Human:" not in d:
+                continue
+            w = m.group(1).split()
+            there = {(w[i + 2], w[i + 3]) for i in range(0, 20, 4) if w[i + 3] != sw.NONE_WORD}
+            for c, s in re.findall(r"###Assistant: ?No, there is no (\w+) (\w+)\.", d):
+                assert (c, s) not in there, d                 # a "no" is never false
+                adversarial += s in {shape for _, shape in there}
+                shape_absent += s not in {shape for _, shape in there}
+        return adversarial, shape_absent
+
+    drilled = corpus.Drilled.documents(1500, seed=11)
+    assert nos(drilled)[0] > 100 and nos(drilled)[1] > 100, nos(drilled)
+    assert nos(corpus.documents(1500, seed=11))[0] == 0
+    for d in drilled:
+        assert not wd.uses_heldout(d) and not any(f in d for f in corpus.FORBIDDEN + (SYSTEM[:40],)), d
+
+
 def test_every_question_is_answered_truly():
     rng = random.Random(0)
     for split in ("corpus", "heldout", "late"):
