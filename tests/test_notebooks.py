@@ -73,7 +73,7 @@ FIGURES = {
     "02_stage1_pretraining": 2,  # loss curve, captions before / after
     "03_stage2_data": 2,        # data funnel, raw / kept descriptions
     "04_stage2_finetuning": 2,  # loss curve, stage 1 / stage 2 bars
-    "05_chat": 3,               # chat image, wording accuracy bars, emergent skills   # 01/05: checked by the issue-12 engineer
+    "05_chat": 4,               # chat image, wording accuracy bars, POPE bars, emergent skills   # 01/05: checked by the issue-12 engineer
     "06_ablations": 3,          # architecture bars, data-fraction curves, caption-content bars
 }
 
@@ -190,6 +190,9 @@ def test_05_chat_metrics(ci_run):
     assert 0.0 <= m["pope/all/yes_share"] <= 1.0 and 0.0 <= m["pope/adversarial/accuracy"] <= 1.0
     assert m["sampled/n"] == 60 and m["sampled/clean_share"] >= 0.9
     assert m["pope_accuracy_ge_085_target_met"] == (m["pope/all/accuracy"] >= 0.85)
+    # the yardstick (the best linear map in place of the trained layer) reads absent shapes
+    # almost perfectly and the trained layer does not: the swap took place
+    assert m["pope_best_linear_map/random/accuracy"] >= 0.9 > m["pope/random/accuracy"]
     for k in ("colour", "count", "yesno", "absent"):
         assert 0.0 <= m[f"ask/heldout/{k}"] <= 1.0 and 0.0 <= m[f"ask/corpus/{k}"] <= 1.0
 
