@@ -114,7 +114,8 @@ def test_drills_say_no_to_a_present_shape_in_another_colour():
         return adversarial, shape_absent
 
     drilled = corpus.Drilled.documents(1500, seed=11)
-    assert nos(drilled)[0] > 100 and nos(drilled)[1] > 100, nos(drilled)
+    adversarial, shape_absent = nos(drilled)
+    assert adversarial > 100 and shape_absent > 100, (adversarial, shape_absent)
     assert nos(corpus.documents(1500, seed=11))[0] == 0
     for d in drilled:
         assert not wd.uses_heldout(d) and not any(f in d for f in corpus.FORBIDDEN + (SYSTEM[:40],)), d
