@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import shapesworld as sw
 from . import wordings as wd
 from .conversation import IMAGE_MESSAGE, Chat, embed_prompt, get_template
-from .evaluate import accuracy_by_kind, asked_correct, has_filler, has_raw_notes, pope_scores
+from .evaluate import accuracy_by_kind, asked_correct, has_filler, has_raw_notes, pope_by_setting
 from .model import GenerationSettings
 
 TURN_KINDS = ("count", "background", "what_where")   # their wording does not depend on the image
@@ -102,19 +102,9 @@ def turn_check(model, scenes: list[sw.Scene], others: list[sw.Scene], seed: int 
 
 def pope(model, fs, seed: int = 0) -> tuple[dict[str, float], list[tuple]]:
     """POPE-style probe: per image, one yes and one no question in each setting."""
-    rng = random.Random(seed)
-    asked = []
-    for i, s in enumerate(fs.scenes):
-        for setting, wording in (("random", "Is there a {s} in the image?"),
-                                 ("adversarial", "Is there a {c} {s} in the image?")):
-            for positive in (True, False):
-                asked.append((i, setting, wd.yes_no(s, rng, wording, positive, negative_from=setting)))
+    asked = wd.pope_questions(fs.scenes, seed)
     answers = ask_fresh(model, fs, [i for i, _, _ in asked], [q.text for _, _, q in asked], desc="POPE")
-    out = {}
-    for setting in ("random", "adversarial", "all"):
-        pick = [(q, a) for (_, st, q), a in zip(asked, answers) if setting in ("all", st)]
-        out.update({f"{setting}/{k}": v for k, v in pope_scores([a for _, a in pick], [q.value for q, _ in pick]).items()})
-    return out, [(i, st, q.text, q.value, a) for (i, st, q), a in zip(asked, answers)]
+    return pope_by_setting(asked, answers), [(i, st, q.text, q.value, a) for (i, st, q), a in zip(asked, answers)]
 
 
 def sampled_hygiene(model, fs, n: int = 500, seed: int = 0, max_new_tokens: int = 60) -> tuple[dict, list[str]]:

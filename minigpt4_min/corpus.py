@@ -189,23 +189,33 @@ def small_talk_doc(rng: random.Random) -> str:
     return chat(rng.sample(OUT_OF_WORLD, rng.randint(1, 3)), rng)
 
 
+DRILL_COLOUR_WORDED = 0.8   # of a drill's questions worded with a colour ("Is there a red square?")
+DRILL_ADVERSARIAL = 0.9     # of its "no"s about a present shape in another colour (when worded so)
+
+
 def yes_no_doc(rng: random.Random) -> str:
-    """A scene in words and 2-6 yes / no questions about it, half of the "no"s about a shape
-    that is there in ANOTHER colour ("Is there a red square?" with a blue square: POPE's
-    adversarial kind). The rest of the corpus says "no" only to absent shapes, so an LLM that
-    says "yes" whenever the asked shape is there, whatever the colour, was always right."""
+    """A scene in words and 2-6 yes / no drills about it (`curriculum.WITH_DRILLS`): balanced
+    answers, most of them worded with a colour, most "no"s about a shape that IS there in
+    ANOTHER colour ("Is there a red square?" with a blue square: POPE's adversarial kind).
+    The rest of the corpus says "no" only to absent shapes, so an LLM that says "yes"
+    whenever the asked shape is there, whatever the colour, was always right."""
     s = sw.sample_scene(rng)
+    coloured = [w for w in wd.yes_no_wordings() if "{c}" in w]
     turns = []
     for _ in range(rng.randint(2, 6)):
-        q = wd.ask(s, "yesno", rng, "corpus", negative_from=rng.choice(("random", "adversarial")))
+        w = rng.choice(coloured if rng.random() < DRILL_COLOUR_WORDED else wd.yes_no_wordings())
+        positive = rng.random() < 0.5
+        negative = "adversarial" if rng.random() < DRILL_ADVERSARIAL else "random"
+        q = wd.yes_no(s, rng, w, positive, negative_from=negative)
         turns.append((wd.vary(q.text, rng), q.answer))
     turns[0] = (f"{rng.choice(FRAMES).format(sw.notes(s))} {turns[0][0]}", turns[0][1])
     return chat(turns, rng)
 
 
 DOC_MIX = ((record_doc, 0.12), (chat_doc, 0.78), (skill_doc, 0.06), (small_talk_doc, 0.04))
-# curriculum phase 5: the same documents, with yes / no drills in place of 30 % of them
-DRILL_MIX = ((yes_no_doc, 0.30),) + tuple((fn, w * 0.70) for fn, w in DOC_MIX)
+DRILL_SHARE = 0.3
+# curriculum.WITH_DRILLS: the same documents, with yes / no drills in place of 30 % of them
+DRILL_MIX = ((yes_no_doc, DRILL_SHARE),) + tuple((fn, w * (1 - DRILL_SHARE)) for fn, w in DOC_MIX)
 
 
 def pick(mix, rng: random.Random):

@@ -36,20 +36,26 @@ colours 0.52 of the time, its shape-to-colour head formed (0.98, layer 1) but no
 read; after phase 3 it bound 0.98 (the phase-3 LLM 0.89), with held-out wordings 0.73
 (0.73) and captions after notes 0.95 (0.99).
 
-Tried and not kept (2026-12-03): POPE's adversarial "no". The corpus says "no" only to absent
-shapes, so "Is there a red square?" with a blue square there gets "Yes, there is a red square."
-(the shipped LLM, 300 validation scenes in words, corpus wordings: 0.00 right, "yes" to all).
-With notebook 04's best linear map in place of the trained layer, notebook 05's POPE probe
-scores 0.99 on absent shapes and 0.495 on present shapes in another colour (yes share 0.975):
-an LLM failure, not the image side's. `WITH_DRILLS` (`--llm-recipe curriculum+drills`; with
-`--llm-init data/tiny/llm --llm-steps 1 0 0 0 1500` it continues the shipped LLM) adds a phase
-whose corpus (`corpus.Drilled`) makes 30 % of the documents yes / no drills, half their "no"s
-of that kind. After its 1,500 steps (942 s) the LLM still said "yes" to 0.99 of them, copying
-the asked colour into its answer; held-out yes / no rose (0.89 -> 0.96) and so did binding
-(0.96 -> 0.98), but what is at a place fell (0.90 -> 0.87; `<Img>` framing 0.88 -> 0.86) and
-so did `LATE`'s background (0.87 -> 0.79). A first try (not kept in the code): 1,000 steps of
-the corpus with half its own colour-worded "no"s of that kind (0.02 right) cost held-out yes /
-no (0.89 -> 0.77). Neither LLM is shipped.
+Measured and not shipped (2026-12-03): yes / no drills (`WITH_DRILLS`, `--llm-recipe
+curriculum+drills`; with `--llm-init data/tiny/llm --llm-steps 1 0 0 0 1500` it continues the
+shipped LLM). The corpus says "no" only to absent shapes, so "Is there a red square?" with a
+blue square there gets "Yes, there is a red square." (`pretrain_llm.pope_in_words`, notebook
+05's POPE probe with the scene in words, 300 validation scenes: adversarial 0.50, "yes" to 0.998
+of them). The drills phase (`corpus.Drilled`: 30 % of the documents drills, most "no"s of that
+kind; twice phase 4's learning rate, loss on answers only; 1,500 steps, 700 s) makes it 0.905
+(yes share 0.535), held-out wordings 0.946 -> 0.961 (what is at a place 0.90 -> 0.98, size 0.92
+-> 0.98, position 0.94 -> 0.89), `wordings.LATE` 0.944 -> 0.937 (background 0.87 -> 0.70),
+binding 0.96 -> 0.96. Through the series it mends what the LLM reads well and breaks what the
+trained layer conveys: with notebook 04's best linear map in place of the layer notebook 05's
+probe scores 0.94 (before 0.74, yes share 0.525), and with the trained layer 0.72 (0.615) but
+with a yes share of 0.26 (goal 0.4-0.6): the chat now says "There is no circle." whenever the
+image tokens leave it in doubt, also to "Is the circle small or large?" with a circle there
+(chat answers in the corpus's wordings 0.76 -> 0.69, position 0.61 -> 0.34, size 0.69 -> 0.50;
+stage-2 VQA 0.70 -> 0.62; absent shapes called absent 0.84 -> 0.98; turn 5 - turn 1 -0.067 ->
+-0.033). So it is not shipped: the image side must say more before the LLM may doubt more. Also
+measured: the same drills at phase 4's learning rate and loss on every token, half their "no"s
+of that kind ("yes" to 0.99 of them after 1,500 steps); 40 % drills, 75 % of their "no"s of that
+kind: adversarial 0.935 but held-out position 0.81 ("Where's the red star?" answered with its size).
 
 `ONE_PHASE` is the recipe shipped before it (today's corpus only, 4,000 + 1,500 steps;
 binding 0.51), kept to compare: `--llm-recipe one-phase`.
@@ -78,6 +84,8 @@ class Phase:
     batch_size: int           # rows per step
     block: int                # tokens per row
     vocab: int = LLM_VOCAB    # the tokenizer's size asked for (first phase only)
+    lr: float | None = None   # peak learning rate (None: pretrain_llm's default for the phase)
+    loss: str = "all"         # "answers": the loss on answers and captions only
 
 
 CURRICULUM = (Phase("first corpus", "first", 4400, 16, 256, vocab=1024),
@@ -87,7 +95,7 @@ CURRICULUM = (Phase("first corpus", "first", 4400, 16, 256, vocab=1024),
 ONE_PHASE = (Phase("chats", "chats", 4000, 8, LLM_BLOCK),
              Phase("chats, continued", "chats", 1500, 8, LLM_BLOCK))
 # measured, not shipped (see above): the curriculum + 1,500 steps with yes / no drills
-WITH_DRILLS = CURRICULUM + (Phase("chats, yes / no drills", "chats+yes/no", 1500, 8, LLM_BLOCK),)
+WITH_DRILLS = CURRICULUM + (Phase("yes / no drills", "chats+yes/no", 1500, 8, LLM_BLOCK, lr=1e-3, loss="answers"),)
 RECIPES = {"curriculum": CURRICULUM, "one-phase": ONE_PHASE, "curriculum+drills": WITH_DRILLS}
 
 
@@ -126,7 +134,8 @@ def run(out: Path, phases: tuple[Phase, ...], seed: int = 0, init: Path | None =
         **kw) -> dict:
     """Run `phases` into `out/llm/` (`init`: start from that LLM instead of phase 1), each
     phase continuing the one before; phases already done are skipped. `kw` goes to
-    `pretrain_llm` (device, answers_only, doc_mask, n_eval). Returns the last phase's record."""
+    `pretrain_llm` (device, answers_only: for every phase, doc_mask, n_eval). Returns the last
+    phase's record."""
     out = Path(out)
     skip = phases_done(out, phases, init)
     for k, phase in enumerate(phases):
@@ -138,6 +147,8 @@ def run(out: Path, phases: tuple[Phase, ...], seed: int = 0, init: Path | None =
         print(f"llm phase {k + 1} of {len(phases)} ({phase.name}): {phase.steps} steps on "
               f"{phase.docs!r}, {phase.batch_size} x {phase.block} tokens, "
               + (f"from {start}" if start else "from scratch"), flush=True)
+        rest = {k: v for k, v in kw.items() if k != "answers_only"}
         pretrain_llm(out, phase.steps, seed, init=start, docs=phase.docs, block=phase.block,
-                     batch_size=phase.batch_size, vocab=phase.vocab, phase=phase.name, **kw)
+                     batch_size=phase.batch_size, vocab=phase.vocab, phase=phase.name, lr=phase.lr,
+                     answers_only=kw.get("answers_only", False) or phase.loss == "answers", **rest)
     return json.loads((out / "llm" / "pretraining.json").read_text())

@@ -356,3 +356,13 @@ def pope_scores(answers: list[str], truth: list[str]) -> dict[str, float]:
     prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
     return {"accuracy": sum(s == t for s, t in zip(said, truth)) / n, "precision": prec, "recall": rec,
             "f1": 2 * prec * rec / max(prec + rec, 1e-9), "yes_share": sum(s == "yes" for s in said) / n}
+
+
+def pope_by_setting(asked: list[tuple], answers: list[str]) -> dict[str, float]:
+    """`pope_scores` per setting of `wordings.pope_questions` ('random', 'adversarial') and
+    over both ('all'), as {"adversarial/accuracy": ..., ...}."""
+    out = {}
+    for setting in ("random", "adversarial", "all"):
+        pick = [(q, a) for (_, st, q), a in zip(asked, answers) if setting in ("all", st)]
+        out.update({f"{setting}/{k}": v for k, v in pope_scores([a for _, a in pick], [q.value for q, _ in pick]).items()})
+    return out

@@ -108,7 +108,7 @@ from tqdm.auto import tqdm
 from . import corpus, corpus_first, heads, wordings
 from . import shapesworld as sw
 from .config import TrainConfig, get_config
-from .evaluate import accuracy_by_kind, caption_metrics, exact_scene, vqa_accuracy, vqa_questions
+from .evaluate import accuracy_by_kind, caption_metrics, exact_scene, pope_by_setting, vqa_accuracy, vqa_questions
 from .llm import load_tokenizer, tiny_llm_config, train_tokenizer
 from .train import build_optimizer, lr_at
 
@@ -183,6 +183,15 @@ def heldout_accuracy(model, tok, scenes: list[sw.Scene], split: str = "heldout",
     prompts = [f"###Human: {frame.format(sw.notes(s))} {q.text} ###Assistant: " for s, q in qs]
     answers = generate_text(model, tok, prompts, max_new_tokens=24, batch=100)
     return accuracy_by_kind(answers, [q for _, q in qs])
+
+
+def pope_in_words(model, tok, scenes: list[sw.Scene], seed: int = 0, frame: str = WORDS_FRAME) -> dict[str, float]:
+    """Notebook 05's POPE probe (`wordings.pope_questions`) with each scene given in words
+    (in `frame`): what the LLM says to "Is there a red square?" when it knows exactly what is
+    there, the ceiling of the chat's answers."""
+    asked = wordings.pope_questions(scenes, seed)
+    prompts = [f"###Human: {frame.format(sw.notes(scenes[i]))} {q.text} ###Assistant: " for i, _, q in asked]
+    return pope_by_setting(asked, generate_text(model, tok, prompts, max_new_tokens=4, batch=100))
 
 
 def binding(model, tok, scenes: list[sw.Scene]) -> dict[str, float]:
@@ -302,12 +311,13 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
                  init: Path | None = None, device: str = "cpu", answers_only: bool = False,
                  ckpt_every: int = 250, doc_mask: bool = False, docs: str = "chats",
                  block: int = LLM_BLOCK, batch_size: int | None = None, vocab: int = LLM_VOCAB,
-                 phase: str | None = None) -> dict:
+                 phase: str | None = None, lr: float | None = None) -> dict:
     """Pretrain the miniature LLM from scratch (a `vocab`-token tokenizer trained on the
     corpus first), or (`init`) continue training a saved one with a fresh warmup + cosine
     at `LLM_CONTINUE`'s lower learning rate: one phase of `curriculum.py`, on the corpus
     `CORPORA[docs]`, rows of `block` tokens, `batch_size` of them (default: the config's);
-    `phase` names it in the record.
+    `phase` names it in the record; `lr`, if given, is the peak learning rate (the floor a
+    tenth of it).
 
     Every `ckpt_every` steps the run saves itself to `out/llm_checkpoint/` (weights,
     tokenizer, optimizer moments, step); started again with the same arguments it resumes
@@ -325,6 +335,8 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
         # tc.seed (seed + 1) picks the documents, so a continued phase reads new ones
         tc = LLM_CONTINUE.replace(max_steps=steps, warmup_steps=min(50, steps // 5), seed=seed + 1)
     tc = tc.replace(batch_size=batch_size or tc.batch_size)
+    if lr is not None:
+        tc = tc.replace(lr=lr, min_lr=lr / 10)
     recipe = {"train": json.loads(json.dumps(asdict(tc))), "init": str(init) if init else None,
               "doc_mask": doc_mask, "docs": docs, "block": block}
     state = json.loads((ckpt / "trainer_state.json").read_text()) if (ckpt / "trainer_state.json").exists() else None
@@ -372,7 +384,8 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
             acc = heldout_accuracy(model, tok, sw.split("val", 40))
             bar.write(f"step {step + 1}: loss {loss.item():.3f}, re-describes exactly "
                       f"{redescribe_exact(model, tok, sw.split('val', 40)):.2f}, held-out wordings "
-                      + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+                      + " ".join(f"{k} {v:.2f}" for k, v in acc.items()) + ", POPE adversarial "
+                      f"{pope_in_words(model, tok, sw.split('val', 40))['adversarial/accuracy']:.2f}")
             model.train()
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
             _save_llm_checkpoint(ckpt, model, tok, opt, params, {
@@ -388,6 +401,7 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
                "late_words_val": heldout_accuracy(model, tok, val, split="late"),
                "corpus_words_val": heldout_accuracy(model, tok, val, split="corpus"),
                "binding_val": binding(model, tok, val),
+               "pope_words_val": pope_in_words(model, tok, val),
                "binding_heads_val": heads.binding_heads(model, tok, val[:40]),
                "colour_collapse": colour_collapse(model, tok),
                "steps": steps, "seconds": round(seconds, 1),

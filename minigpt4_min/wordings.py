@@ -163,6 +163,12 @@ def grammar_wordings(kind: str) -> tuple[str, ...]:
     return tuple(t for t in grammar.templates(kind) if t not in CORPUS[kind] and not _clashes(t))
 
 
+@functools.cache
+def yes_no_wordings() -> tuple[str, ...]:
+    """Every corpus wording of a yes / no question: CORPUS's and the grammar's."""
+    return tuple(CORPUS["yesno"]) + tuple(grammar_wordings("yesno"))
+
+
 GRAMMAR_SHARE = 0.65     # of corpus questions worded by the grammar; the rest by CORPUS's own
 
 
@@ -300,6 +306,20 @@ def yes_no(scene: sw.Scene, rng: random.Random, wording: str, positive: bool,
     c = rng.choice(list(sw.COLOURS))
     return Asked(fill(wording, rng, s=s, c=c), f"No, there is no {c + ' ' if with_colour else ''}{s}.",
                  "yesno", "no", s)
+
+
+POPE_WORDINGS = (("random", "Is there a {s} in the image?"),
+                 ("adversarial", "Is there a {c} {s} in the image?"))
+
+
+def pope_questions(scenes: list[sw.Scene], seed: int = 0) -> list[tuple[int, str, Asked]]:
+    """POPE's probe (Li et al., 2023) in ShapesWorld: per scene, one "yes" and one "no"
+    question in each setting ('random': the "no" is about an absent shape; 'adversarial':
+    about a present shape in another colour), as (scene index, setting, question)."""
+    rng = random.Random(seed)
+    return [(i, setting, yes_no(s, rng, wording, positive, negative_from=setting))
+            for i, s in enumerate(scenes) for setting, wording in POPE_WORDINGS
+            for positive in (True, False)]
 
 
 def questions(scene: sw.Scene, rng: random.Random, split: str = "heldout",

@@ -122,6 +122,11 @@ def test_01_frozen_parts_metrics(ci_run):
     worst = min(m[f"llm_ask/heldout_img/{k}"] for k in KINDS)
     assert m["llm_heldout_img_worst_kind_target_met"] == (worst >= 0.95)
     assert m["llm_heldout_img_worst_kind_target_measured"] == worst
+    # notebook 05's POPE probe, scenes in words: "no" to an absent shape (the shipped LLM's
+    # "yes" to a shape there in another colour is recorded: see curriculum.py)
+    for frame in ("words", "img"):
+        assert m[f"llm_pope_{frame}/random/accuracy"] > 0.9
+        assert 0.0 <= m[f"llm_pope_{frame}/adversarial/yes_share"] <= 1.0
 
 
 @pytest.mark.notebook

@@ -12,7 +12,7 @@ from minigpt4_min.model import MiniGPT4
 
 _ACC, _EXACT, _ANSWERS = pretrain.encoder_attribute_accuracy, pretrain_llm.redescribe_exact, pretrain_llm.answer_accuracy
 _HELD, _CAPS, _DOCS = pretrain_llm.heldout_accuracy, pretrain_llm.caption_accuracy, pretrain_llm.corpus.documents
-_BIND, _FIRST = pretrain_llm.binding, pretrain_llm.corpus_first.documents
+_BIND, _FIRST, _POPE = pretrain_llm.binding, pretrain_llm.corpus_first.documents, pretrain_llm.pope_in_words
 
 
 def _quick_evals(monkeypatch):
@@ -23,6 +23,7 @@ def _quick_evals(monkeypatch):
     monkeypatch.setattr(pretrain_llm, "heldout_accuracy", lambda model, tok, scenes, *a, **kw: _HELD(model, tok, scenes[:3], *a, **kw))
     monkeypatch.setattr(pretrain_llm, "caption_accuracy", lambda model, tok, scenes: _CAPS(model, tok, scenes[:4]))
     monkeypatch.setattr(pretrain_llm, "binding", lambda model, tok, scenes: _BIND(model, tok, scenes[:6]))
+    monkeypatch.setattr(pretrain_llm, "pope_in_words", lambda model, tok, scenes: _POPE(model, tok, scenes[:3]))
     monkeypatch.setattr(pretrain_llm.corpus, "documents", lambda n, seed: _DOCS(min(n, 400), seed))
     monkeypatch.setattr(pretrain_llm.corpus_first, "documents", lambda n, seed: _FIRST(min(n, 400), seed))
 
@@ -51,6 +52,7 @@ def test_pretrain_script_few_steps(tmp_path, monkeypatch):
     assert set(llm["late_words_val"]) >= {"all", "colour", "count", "yesno", "absent"}
     assert -1.0 <= llm["colour_collapse"] <= 1.0 and llm["block"] == pretrain_llm.LLM_BLOCK
     assert len(llm["binding_heads_val"]["per_layer"]) == get_config("tiny").llm["num_hidden_layers"]
+    assert 0.0 <= llm["pope_words_val"]["adversarial/yes_share"] <= 1.0
     assert llm["binding_val"]["n"] > 0 and llm["binding_val"]["right"] + llm["binding_val"]["other_object"] <= 1.0
     assert not (tmp_path / "llm_checkpoint").exists() and not (tmp_path / "llm.tmp").exists()
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
@@ -93,8 +95,8 @@ def test_curriculum_runs_only_the_phases_not_done(tmp_path, monkeypatch):
     assert ran == [(phases[0].name, None), (phases[1].name, tmp_path / "llm")]
     assert curriculum.phases_done(tmp_path, phases) == 2
     ran.clear()
-    assert curriculum.run(tmp_path, phases)["phase"] == phases[3].name
-    assert ran == [(phases[2].name, tmp_path / "llm"), (phases[3].name, tmp_path / "llm")]
+    assert curriculum.run(tmp_path, phases)["phase"] == phases[-1].name
+    assert ran == [(p.name, tmp_path / "llm") for p in phases[2:]]
     ran.clear()
     curriculum.run(tmp_path, curriculum.ONE_PHASE)             # another recipe's LLM: from scratch
     assert [r[0] for r in ran] == [p.name for p in curriculum.ONE_PHASE] and ran[0][1] is None
@@ -226,6 +228,22 @@ def test_binding_tells_the_right_colour_from_another_objects(monkeypatch):
         assert b["n"] == len(qs) > 10 and b["right"] == right and b["other_object"] == other
 
 
+def test_pope_in_words_reads_yes_and_no_from_the_first_word(monkeypatch):
+    """The LLM's POPE probe with scenes in words: true answers score 1; "yes" to everything
+    scores chance with a yes share of 1; the prompts hold the scene's notes and no `<Img>`."""
+    from minigpt4_min import shapesworld as sw
+    from minigpt4_min import wordings as wd
+    scenes = sw.split("val", 10)
+    truth = [q.value for _, _, q in wd.pope_questions(scenes)]
+    seen = []
+    for answers, acc, yes in (([f"{t.capitalize()}, there is." for t in truth], 1.0, 0.5),
+                              (["Yes."] * len(truth), 0.5, 1.0)):
+        monkeypatch.setattr(pretrain_llm, "generate_text", lambda m, t, prompts, **kw: seen.extend(prompts) or answers)
+        p = pretrain_llm.pope_in_words(None, None, scenes)
+        assert p["adversarial/accuracy"] == p["all/accuracy"] == acc and p["all/yes_share"] == yes
+    assert len(seen) == 2 * 4 * len(scenes) and sw.notes(scenes[0]) in seen[0] and not any("<Img>" in s for s in seen)
+
+
 def test_make_pretrain_commands_are_the_ones_the_readme_gives():
     """`make pretrain` re-makes the LLM alone (the encoder stays as shipped), `make
     pretrain-encoder` the encoder: the README's comments name the commands make runs."""
@@ -242,12 +260,21 @@ def test_make_pretrain_commands_are_the_ones_the_readme_gives():
         assert said and cmd.endswith(said.group(1).replace("python ", "", 1)), (target, said)
 
 
-def test_every_recipe_reads_known_corpora_and_drills_continue_the_curriculum():
+def test_every_recipe_reads_known_corpora_and_drills_continue_the_curriculum(tmp_path, monkeypatch):
     """`--llm-recipe curriculum+drills` is the shipped curriculum and one more phase, on the
-    corpus with yes / no drills; `--llm-steps 1 0 0 0 N` with `--llm-init` runs that phase alone."""
+    corpus with yes / no drills at its own learning rate, the loss on answers only (also when
+    `--llm-loss all` is given); `--llm-steps 1 0 0 0 N` with `--llm-init` runs that phase alone."""
     for phases in curriculum.RECIPES.values():
-        assert all(p.docs in pretrain_llm.CORPORA for p in phases)
+        assert all(p.docs in pretrain_llm.CORPORA and p.loss in ("all", "answers") for p in phases)
     drills = curriculum.WITH_DRILLS
     assert drills[:-1] == curriculum.CURRICULUM and pretrain_llm.CORPORA[drills[-1].docs] is pretrain_llm.corpus.Drilled
+    assert all(p.loss == "all" and p.lr is None for p in curriculum.CURRICULUM)
     alone = curriculum.with_steps(drills, [1, 0, 0, 0, 7])
     assert [(p.name, p.steps) for p in alone] == [(drills[0].name, 1), (drills[-1].name, 7)]
+    calls = []
+    monkeypatch.setattr(curriculum, "pretrain_llm", lambda out, steps, seed, **kw: calls.append(kw))
+    monkeypatch.setattr(curriculum, "phases_done", lambda out, phases, init=None: 1)
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "pretraining.json").write_text("{}")
+    curriculum.run(tmp_path, alone, init=tmp_path / "given", answers_only=False, device="cpu")
+    assert [(kw["lr"], kw["answers_only"], kw["device"]) for kw in calls] == [(1e-3, True, "cpu")]
