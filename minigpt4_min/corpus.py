@@ -200,10 +200,9 @@ def yes_no_doc(rng: random.Random) -> str:
     The rest of the corpus says "no" only to absent shapes, so an LLM that says "yes"
     whenever the asked shape is there, whatever the colour, was always right."""
     s = sw.sample_scene(rng)
-    coloured = [w for w in wd.yes_no_wordings() if "{c}" in w]
     turns = []
     for _ in range(rng.randint(2, 6)):
-        w = rng.choice(coloured if rng.random() < DRILL_COLOUR_WORDED else wd.yes_no_wordings())
+        w = rng.choice(wd.yes_no_wordings(coloured=rng.random() < DRILL_COLOUR_WORDED))
         positive = rng.random() < 0.5
         negative = "adversarial" if rng.random() < DRILL_ADVERSARIAL else "random"
         q = wd.yes_no(s, rng, w, positive, negative_from=negative)

@@ -138,6 +138,7 @@ def run(out: Path, phases: tuple[Phase, ...], seed: int = 0, init: Path | None =
     phase's record."""
     out = Path(out)
     skip = phases_done(out, phases, init)
+    every_answers_only = kw.pop("answers_only", False)     # a phase's own loss may ask for it too
     for k, phase in enumerate(phases):
         if k < skip:
             print(f"llm phase {k + 1} of {len(phases)} ({phase.name}): "
@@ -147,8 +148,7 @@ def run(out: Path, phases: tuple[Phase, ...], seed: int = 0, init: Path | None =
         print(f"llm phase {k + 1} of {len(phases)} ({phase.name}): {phase.steps} steps on "
               f"{phase.docs!r}, {phase.batch_size} x {phase.block} tokens, "
               + (f"from {start}" if start else "from scratch"), flush=True)
-        rest = {k: v for k, v in kw.items() if k != "answers_only"}
         pretrain_llm(out, phase.steps, seed, init=start, docs=phase.docs, block=phase.block,
                      batch_size=phase.batch_size, vocab=phase.vocab, phase=phase.name, lr=phase.lr,
-                     answers_only=kw.get("answers_only", False) or phase.loss == "answers", **rest)
+                     answers_only=every_answers_only or phase.loss == "answers", **kw)
     return json.loads((out / "llm" / "pretraining.json").read_text())

@@ -359,10 +359,10 @@ def pope_scores(answers: list[str], truth: list[str]) -> dict[str, float]:
 
 
 def pope_by_setting(asked: list[tuple], answers: list[str]) -> dict[str, float]:
-    """`pope_scores` per setting of `wordings.pope_questions` ('random', 'adversarial') and
-    over both ('all'), as {"adversarial/accuracy": ..., ...}."""
+    """`pope_scores` per setting of `wordings.pope_questions` (its (index, setting, question)
+    rows: 'random', 'adversarial') and over all of them ('all'), as {"adversarial/accuracy": ...}."""
     out = {}
-    for setting in ("random", "adversarial", "all"):
+    for setting in [*dict.fromkeys(st for _, st, _ in asked), "all"]:
         pick = [(q, a) for (_, st, q), a in zip(asked, answers) if setting in ("all", st)]
         out.update({f"{setting}/{k}": v for k, v in pope_scores([a for _, a in pick], [q.value for q, _ in pick]).items()})
     return out

@@ -107,7 +107,7 @@ from tqdm.auto import tqdm
 
 from . import corpus, corpus_first, heads, wordings
 from . import shapesworld as sw
-from .config import TrainConfig, get_config
+from .config import VICUNA_TEMPLATE, TrainConfig, get_config
 from .evaluate import accuracy_by_kind, caption_metrics, exact_scene, pope_by_setting, vqa_accuracy, vqa_questions
 from .llm import load_tokenizer, tiny_llm_config, train_tokenizer
 from .train import build_optimizer, lr_at
@@ -124,9 +124,19 @@ def phases_history(before: dict | None, metrics: dict) -> list[dict]:
     earlier = [] if not before else before.get("phases", [before])
     return earlier + [{k: v for k, v in metrics.items() if k != "phases"}]
 
+
+IMG_FRAME = "<Img>{} </Img>"      # the notes where MiniGPT-4's prompt puts the image tokens
+WORDS_FRAME = "Scene: {}."         # the notes as the pretraining corpus gives them
+
+
+def ask_prompt(scene: sw.Scene, question: str, frame: str = WORDS_FRAME) -> str:
+    """A question about a scene given in words (its notes in `frame`), in the chat format."""
+    return VICUNA_TEMPLATE.format(f"{frame.format(sw.notes(scene))} {question}")
+
+
 def redescribe_prompt(scene: sw.Scene) -> str:
     """A scene given in words, asking for a description: the LLM's copy test."""
-    return f"###Human: Scene: {sw.notes(scene)}. Describe the scene. ###Assistant: "
+    return ask_prompt(scene, "Describe the scene.")
 
 
 @torch.no_grad()
@@ -151,17 +161,12 @@ def redescribe_exact(model, tok, scenes: list[sw.Scene]) -> float:
     return sum(exact_scene(t, s) for t, s in zip(texts, scenes)) / len(scenes)
 
 
-IMG_FRAME = "<Img>{} </Img>"      # the notes where MiniGPT-4's prompt puts the image tokens
-WORDS_FRAME = "Scene: {}."         # the notes as the pretraining corpus gives them
-
-
 def answer_accuracy(model, tok, scenes: list[sw.Scene], frame: str = IMG_FRAME) -> float:
     """VQA accuracy (`evaluate.vqa_questions`) with the scene given in words, by default
     framed as MiniGPT-4 frames an image (`<Img>notes </Img> question`): the ceiling of what
     the LLM can answer about an image whose tokens said exactly what its notes say."""
     qs = [(s, q) for s in scenes for q in vqa_questions(s)]
-    prompts = [f"###Human: {frame.format(sw.notes(s))} {q.text} ###Assistant: " for s, q in qs]
-    answers = generate_text(model, tok, prompts, max_new_tokens=20, batch=100)
+    answers = generate_text(model, tok, [ask_prompt(s, q.text, frame) for s, q in qs], max_new_tokens=20, batch=100)
     return vqa_accuracy(answers, [q for _, q in qs])["vqa_accuracy"]
 
 
@@ -180,8 +185,7 @@ def heldout_accuracy(model, tok, scenes: list[sw.Scene], split: str = "heldout",
     question however it is asked."""
     rng = random.Random(seed)
     qs = [(s, q) for s in scenes for q in wordings.questions(s, rng, split)]
-    prompts = [f"###Human: {frame.format(sw.notes(s))} {q.text} ###Assistant: " for s, q in qs]
-    answers = generate_text(model, tok, prompts, max_new_tokens=24, batch=100)
+    answers = generate_text(model, tok, [ask_prompt(s, q.text, frame) for s, q in qs], max_new_tokens=24, batch=100)
     return accuracy_by_kind(answers, [q for _, q in qs])
 
 
@@ -190,7 +194,7 @@ def pope_in_words(model, tok, scenes: list[sw.Scene], seed: int = 0, frame: str 
     (in `frame`): what the LLM says to "Is there a red square?" when it knows exactly what is
     there, the ceiling of the chat's answers."""
     asked = wordings.pope_questions(scenes, seed)
-    prompts = [f"###Human: {frame.format(sw.notes(scenes[i]))} {q.text} ###Assistant: " for i, _, q in asked]
+    prompts = [ask_prompt(scenes[i], q.text, frame) for i, _, q in asked]
     return pope_by_setting(asked, generate_text(model, tok, prompts, max_new_tokens=4, batch=100))
 
 
@@ -202,8 +206,7 @@ def binding(model, tok, scenes: list[sw.Scene]) -> dict[str, float]:
     the rest on the second)."""
     qs = [(s, o) for s in scenes if len(s.objects) > 1 for o in s.objects
           if sum(x.shape == o.shape for x in s.objects) == 1]
-    prompts = [f"###Human: {WORDS_FRAME.format(sw.notes(s))} What color is the {o.shape}? ###Assistant: "
-               for s, o in qs]
+    prompts = [ask_prompt(s, f"What color is the {o.shape}?") for s, o in qs]
     answers = generate_text(model, tok, prompts, max_new_tokens=12, batch=100)
     said = [{c for c in sw.COLOURS if re.search(rf"\b{c}\b", a.lower())} for a in answers]
     others = [{x.colour for x in s.objects} - {o.colour} for s, o in qs]
@@ -381,11 +384,12 @@ def pretrain_llm(out: Path, steps: int, seed: int = 0, n_eval: int = 300,
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{n_tok / (time.time() - t0):.0f}")
         if (step + 1) % 500 == 0:
             model.eval()
-            acc = heldout_accuracy(model, tok, sw.split("val", 40))
+            v40 = sw.split("val", 40)
+            acc = heldout_accuracy(model, tok, v40)
             bar.write(f"step {step + 1}: loss {loss.item():.3f}, re-describes exactly "
-                      f"{redescribe_exact(model, tok, sw.split('val', 40)):.2f}, held-out wordings "
+                      f"{redescribe_exact(model, tok, v40):.2f}, held-out wordings "
                       + " ".join(f"{k} {v:.2f}" for k, v in acc.items()) + ", POPE adversarial "
-                      f"{pope_in_words(model, tok, sw.split('val', 40))['adversarial/accuracy']:.2f}")
+                      f"{pope_in_words(model, tok, v40)['adversarial/accuracy']:.2f}")
             model.train()
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
             _save_llm_checkpoint(ckpt, model, tok, opt, params, {

@@ -164,9 +164,11 @@ def grammar_wordings(kind: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def yes_no_wordings() -> tuple[str, ...]:
-    """Every corpus wording of a yes / no question: CORPUS's and the grammar's."""
-    return tuple(CORPUS["yesno"]) + tuple(grammar_wordings("yesno"))
+def yes_no_wordings(coloured: bool = False) -> tuple[str, ...]:
+    """Every corpus wording of a yes / no question, CORPUS's and the grammar's (`coloured`:
+    those that name a colour, "Is there a {c} {s}?")."""
+    every = tuple(CORPUS["yesno"]) + tuple(grammar_wordings("yesno"))
+    return tuple(w for w in every if "{c}" in w) if coloured else every
 
 
 GRAMMAR_SHARE = 0.65     # of corpus questions worded by the grammar; the rest by CORPUS's own

@@ -127,6 +127,9 @@ def test_01_frozen_parts_metrics(ci_run):
     for frame in ("words", "img"):
         assert m[f"llm_pope_{frame}/random/accuracy"] > 0.9
         assert 0.0 <= m[f"llm_pope_{frame}/adversarial/yes_share"] <= 1.0
+        # as many questions in each setting: "all" is their mean
+        assert m[f"llm_pope_{frame}/all/accuracy"] == pytest.approx(
+            (m[f"llm_pope_{frame}/random/accuracy"] + m[f"llm_pope_{frame}/adversarial/accuracy"]) / 2)
 
 
 @pytest.mark.notebook
