@@ -4,13 +4,17 @@ Notebooks record each quality target with `target(name, measured, goal, op)`: a 
 recorded, not raised (a missed one shows **no** with its number; the run goes on).
 `report` writes `metrics.md`: first one table of every target of the series, then each
 notebook's metrics beside the reference run committed with the project, flagged where they
-drift beyond `TOLERANCE`. `write_reference` makes a run the new reference.
+drift beyond `TOLERANCE`. `write_reference` makes a run the new reference. Both a run and
+the reference record the `machine` they ran on, since the CPU moves times (and float
+rounding) from day to day.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import operator
+import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,15 +101,47 @@ def load_reference(path: str | Path) -> dict[str, dict]:
     return notebooks
 
 
+def machine() -> dict[str, object]:
+    """What this process runs on: the CPU's name, the vector unit torch uses (AVX2, AVX512:
+    different kernels round floats differently), cores, the GPU if any, library versions."""
+    import torch
+    import transformers
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if ln.startswith("model name")]
+    return {"cpu": names[0] if names else (platform.processor() or platform.machine()),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def describe_machine(m: dict | None) -> str:
+    if not m:
+        return "not recorded"
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m['cpu']} ({m['cpu_capability']}, {m['cores']} cores){gpu}, "
+            f"torch {m['torch']}, transformers {m['transformers']}")
+
+
+def load_machine(path: str | Path) -> dict | None:
+    """The `machine` of a run folder's machine.json or of a reference file; None if absent."""
+    path = Path(path)
+    path = path / "machine.json" if path.is_dir() else path
+    doc = json.loads(path.read_text() or "{}") if path.is_file() else {}
+    return doc.get("machine")
+
+
 def write_reference(run_dir: str | Path, path: str | Path, note: str = "") -> Path:
-    """(Re)write the reference file `path` from `run_dir/metrics.json` (a finished series)."""
+    """(Re)write the reference file `path` from `run_dir/metrics.json` (a finished series)
+    and the machine it ran on (`run_dir/machine.json`)."""
     src = Path(run_dir) / "metrics.json"
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no metrics.json (run the series into {run_dir} first)")
     doc = {"about": "metrics of the reference run of the notebook series; "
                     "the series' report (metrics.md) compares each run with it",
            "written": datetime.date.today().isoformat(), "note": note,
-           "notebooks": json.loads(src.read_text())}
+           "machine": load_machine(run_dir), "notebooks": json.loads(src.read_text())}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -142,9 +178,11 @@ def _scalar(v) -> bool:
     return v is None or isinstance(v, (int, float, str, bool))
 
 
-def report(table: dict[str, dict], reference: dict[str, dict], reference_name: str) -> str:
+def report(table: dict[str, dict], reference: dict[str, dict], reference_name: str,
+           machines: tuple[dict | None, dict | None] = (None, None)) -> str:
     """metrics.md: what to read how, the series' targets, then each notebook's metrics
-    (sorted) beside the reference, with the drifts flagged."""
+    (sorted) beside the reference, with the drifts flagged; `machines`: (this run's, the
+    reference's), named under the summary."""
     rows, n_drift, n_compared = [], 0, 0
     for nb in sorted(set(table) | set(reference)):
         mine, ref = table.get(nb, {}), reference.get(nb, {})
@@ -168,7 +206,8 @@ def report(table: dict[str, dict], reference: dict[str, dict], reference_name: s
         "# Metrics of the notebook series", ABOUT,
         f"## Targets: {len(targets) - missed} of {len(targets)} met",
         markdown_table(["notebook", "target", "measured", "goal", "met"], targets),
-        "## Metrics per notebook", summary, *rows]) + "\n"
+        "## Metrics per notebook", summary,
+        f"This run: {describe_machine(machines[0])}. Reference: {describe_machine(machines[1])}.", *rows]) + "\n"
 
 
 # =============================================================== running

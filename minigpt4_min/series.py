@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .config import REPO_ROOT
-from .report import load_reference, reference_path, report, write_reference
+from .report import load_machine, load_reference, machine, reference_path, report, write_reference
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 CI_PARAMS_DIR = NOTEBOOK_DIR / "ci_params"
@@ -187,9 +187,10 @@ def run_notebook(nb_path: str | Path, out_dir: str | Path, params: dict, kernel:
 
 def gather(out_dir: str | Path, seconds: dict[str, float] | None = None,
            reference: str | Path | None = None) -> dict:
-    """Collect `out_dir/metrics/*.json` (+ the notebooks' `seconds`) into `metrics.json` and
-    write the report `metrics.md` against the reference file (default: the committed one
-    for the default parameters); returns {notebook: metrics}."""
+    """Collect `out_dir/metrics/*.json` (+ the notebooks' `seconds`) into `metrics.json`,
+    record this machine in `machine.json`, and write the report `metrics.md` against the
+    reference file (default: the committed one for the default parameters); returns
+    {notebook: metrics}."""
     out_dir = Path(out_dir)
     table = {p.stem: json.loads(p.read_text()) for p in sorted((out_dir / "metrics").glob("*.json"))}
     for name, s in (seconds or {}).items():
@@ -198,7 +199,9 @@ def gather(out_dir: str | Path, seconds: dict[str, float] | None = None,
     ref_path = Path(reference) if reference is not None else reference_path()
     ref = {nb: m for nb, m in load_reference(ref_path).items() if nb in table}
     name = os.path.relpath(ref_path, REPO_ROOT) if ref_path.is_relative_to(REPO_ROOT) else str(ref_path)
-    (out_dir / "metrics.md").write_text(report(table, ref, name))
+    here = machine()                              # of the latest run into out_dir (--only: its notebooks)
+    (out_dir / "machine.json").write_text(json.dumps({"machine": here}, indent=2))
+    (out_dir / "metrics.md").write_text(report(table, ref, name, (here, load_machine(ref_path))))
     return table
 
 

@@ -137,6 +137,28 @@ def test_reference_round_trip_and_tolerated_absence(tmp_path):
     assert "0 of " in (run / "metrics.md").read_text()
 
 
+def test_run_and_reference_record_their_machine_and_the_report_names_both(tmp_path, monkeypatch):
+    run = _synthetic_run(tmp_path)
+    series.gather(run, reference=tmp_path / "absent.json")
+    here = report.load_machine(run)
+    assert here == report.machine() and here["cores"] >= 1 and here["cpu"]
+    assert here["cpu_capability"] in {"DEFAULT", "NO AVX", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE", "SVE128", "SVE256", "SVE512"}
+    path = report.write_reference(run, tmp_path / "ref.json")
+    assert report.load_machine(path) == here
+    # a reference from another machine: the report names both, so a drift can be explained
+    doc = json.loads(path.read_text())
+    doc["machine"] = {**here, "cpu": "Other CPU 9000", "cpu_capability": "AVX512"}
+    path.write_text(json.dumps(doc))
+    series.gather(run, reference=path)
+    md = (run / "metrics.md").read_text()
+    assert f"This run: {here['cpu']} ({here['cpu_capability']}" in md
+    assert "Reference: Other CPU 9000 (AVX512" in md
+    series.gather(run, reference=tmp_path / "absent.json")   # an older reference has no machine
+    assert "Reference: not recorded." in (run / "metrics.md").read_text()
+    assert report.describe_machine({**here, "gpu": "NVIDIA H200"}).startswith(f"{here['cpu']} (") \
+        and ", GPU NVIDIA H200, torch " in report.describe_machine({**here, "gpu": "NVIDIA H200"})
+
+
 def test_reference_cli_writes_the_committed_file(tmp_path, monkeypatch, capsys):
     run = _synthetic_run(tmp_path)
     series.gather(run, reference=tmp_path / "absent.json")

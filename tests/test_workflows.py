@@ -100,7 +100,8 @@ def test_gpu_workflow_runs_the_gpu_series_on_a_gpu_runner_and_keeps_the_results(
     assert "hashFiles('pyproject.toml', 'Makefile')" in cache["with"]["key"]
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@"))
     paths = upload["with"]["path"].split("\n")[:-1]
-    assert paths == ["${{ env.OUT }}/notebooks", "${{ env.OUT }}/metrics.json", "${{ env.OUT }}/metrics.md"]
+    assert paths == ["${{ env.OUT }}/notebooks", "${{ env.OUT }}/metrics.json", "${{ env.OUT }}/metrics.md",
+                     "${{ env.OUT }}/machine.json"]
     assert upload.get("if") == "always()" and job["env"]["OUT"] == "runs/gpu"
     # the CUDA build: no CPU index anywhere in the workflow
     assert "TORCH_INDEX_URL:" not in GPU.read_text() and "whl/cpu" not in GPU.read_text()
