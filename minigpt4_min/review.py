@@ -267,7 +267,14 @@ def drop_misaligned(text: str, scene: sw.Scene) -> tuple[str, list[str]]:
     """The paper's manual refinement (§3.2): "eliminating redundant words or sentences that do
     not align with the image". Returns the text without every sentence that states something
     false about `scene` (absent object, wrong attribute, background or count), and the
-    reasons of what was removed. Nothing is added: a reviewer deletes, it does not invent."""
+    reasons of what was removed. Nothing is added: a reviewer deletes, it does not invent.
+
+    Measured, not kept (2026-12-04, notebooks 03-05 at default parameters): deleting only the
+    wrong words of a sentence about one object ("a large red star at the top" -> "a red star")
+    and dropping sentences about objects already described kept 2,551 pairs (object recall
+    0.80) instead of 2,277 (0.60), but stage 2 then learnt to leave out positions: VQA 0.70 ->
+    0.59 (position 0.72 -> 0.48), object recall of its descriptions 0.69 -> 0.76, POPE yes
+    share 0.57 -> 0.69. Only wrong colours and sizes mended: recall 0.65."""
     kept, removed = [], []
     for sent in re.split(r"(?<=[.!?])\s+|\n+", text.strip()):
         if not sent.strip():
